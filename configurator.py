@@ -1,0 +1,122 @@
+"""Command-line plumbing shared by every script: settings, user errors, and files written whole or not at all.
+
+Settings are a script's module-level globals; `script.py [config/file.py] [--key=value ...]` overrides them.
+
+A config file is Python that assigns some of those globals. An override's value is parsed as a Python
+literal (or taken as a string when it is not one) and must have the type of the default. Mistakes are one
+line on stderr and exit status 2.
+"""
+import ast
+import contextlib
+import difflib
+import functools
+import os
+import sys
+
+
+class UserError(ValueError):
+    """A mistake in the user's input: reported as one line, never a traceback."""
+
+
+def fail(message, status=2):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def cli(main):
+    """Run main(), turning a UserError into one line on stderr and exit status 2."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            fail("interrupted", status=130)
+    return wrapper
+
+
+@contextlib.contextmanager
+def atomic_output(path, mode="wb"):
+    """Yield a file open on a temporary name beside path; it replaces path only if the block completes."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def settable_keys(namespace):
+    """The names a config may set: public, non-constant globals holding plain values."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not k.isupper()
+            and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
+
+
+def _nearest(key, keys):
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    return f" (did you mean --{close[0]}?)" if close else ""
+
+
+def _parse_value(key, raw, default):
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare word such as --device=cpu is a string
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"--{key} expects True or False, got {raw!r}")
+        return value
+    if default is None:
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
+        return type(default)(value)
+    if type(value) is not type(default):
+        raise UserError(f"--{key} expects a {type(default).__name__} (default {default!r}), got {raw!r}")
+    return value
+
+
+def configure(namespace, argv=None):
+    """Apply config files and --key=value overrides in argv to namespace (a script's globals()).
+
+    Returns the dict of keys that were set."""
+    argv = sys.argv[1:] if argv is None else argv
+    keys = settable_keys(namespace)
+    changed = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise UserError(f"config file not found: {arg}")
+            file_ns = {}
+            with open(arg) as f:
+                source = f.read()
+            try:
+                exec(compile(source, arg, "exec"), file_ns)
+            except Exception as e:
+                raise UserError(f"config file {arg} failed: {type(e).__name__}: {e}") from None
+            for k, v in file_ns.items():
+                if k.startswith("_") or callable(v) or type(v).__name__ == "module":
+                    continue
+                if k not in keys:
+                    raise UserError(f"config file {arg} sets unknown key {k!r}{_nearest(k, keys)}")
+                default = keys[k]
+                if default is not None and not isinstance(v, type(default)) and not (
+                        isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool)):
+                    raise UserError(f"config file {arg}: {k} expects a {type(default).__name__}, got {v!r}")
+                namespace[k] = changed[k] = v
+        else:
+            key, eq, raw = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            if not eq:
+                raise UserError(f"--{key} needs a value: write --{key}=VALUE")
+            if key not in keys:
+                raise UserError(f"unknown setting --{key}{_nearest(key, keys)}")
+            namespace[key] = changed[key] = _parse_value(key, raw, keys[key])
+    return changed

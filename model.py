@@ -1,0 +1,432 @@
+"""The one Llama 2 model of the toolkit: training forward, KV-cache generation, sampling, LoRA, checkpoints."""
+import inspect
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from configurator import UserError, atomic_output
+
+
+@dataclass
+class ModelArgs:
+    # defaults are llama2.c's (the Llama 2 7B shape)
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = 32000
+    hidden_dim: Optional[int] = None
+    multiple_of: int = 256  # hidden_dim is rounded up to a multiple of this when not given
+    norm_eps: float = 1e-5
+    max_seq_len: int = 2048
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise UserError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; pick n_heads dividing dim")
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
+                            "pick n_kv_heads dividing n_heads")
+        if (self.dim // self.n_heads) % 2:
+            raise UserError(f"head size dim/n_heads={self.dim // self.n_heads} must be even for rotary embeddings")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.hidden_dim is None:
+            # llama2.c's rule: 2/3 of 4*dim, rounded up to multiple_of
+            hidden = int(2 * (4 * self.dim) / 3)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a checkpoint's dict, ignoring keys this version does not know."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 even under autocast, as Llama does
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).type_as(x)
+
+
+def rope_tables(head_dim, max_len, theta=10000.0):
+    """cos and sin of each (position, frequency) pair, each of shape (max_len, head_dim // 2)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(max_len).float(), freqs)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) as llama2.c and Meta's Llama do.
+
+    cos/sin are (T, D/2) or (B, T, D/2)."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, so a decode step never copies the prefix."""
+
+    def __init__(self, args, batch_size, max_len, device, dtype):
+        shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.dropout = args.dropout
+        self.resid_dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x, cos, sin, cache=None, layer=0, start=0, mask=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            cache.k[layer][:, :, start:start + T] = k
+            cache.v[layer][:, :, start:start + T] = v
+            k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+                                               dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.resid_dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, **cache_kw):
+        h = x + self.attention(self.attention_norm(x), cos, sin, **cache_kw)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.dropout = nn.Dropout(args.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output.weight = self.tok_embeddings.weight  # tied, as in llama2.c
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections that write into the residual stream
+        for name, p in self.named_parameters():
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def hidden_states(self, tokens, positions=None, **cache_kw):
+        """Final normed hidden state (B, T, dim); positions (B, T) give per-row RoPE positions."""
+        T = tokens.shape[1]
+        if positions is None:
+            start = cache_kw.get("start", 0)
+            if start + T > self.args.max_seq_len:
+                raise UserError(f"sequence of {start + T} tokens exceeds max_seq_len={self.args.max_seq_len}")
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        h = self.dropout(self.tok_embeddings(tokens))
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, layer=i, **cache_kw) if cache_kw else layer(h, cos, sin)
+        return self.norm(h)
+
+    def forward(self, tokens, targets=None):
+        """Logits (B, T, vocab) and, given targets, the mean cross-entropy over labels that are not -1."""
+        logits = self.output(self.hidden_states(tokens))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def forward_with_hidden(self, tokens):
+        """Logits and final normed hidden state of every position (what PPO's value head reads)."""
+        h = self.hidden_states(tokens)
+        return self.output(h), h
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 stop_tokens=(), generator=None, seed=None, return_logits=False):
+        """Continue each prompt (a list of token lists, lengths may differ) by up to max_new_tokens.
+
+        Returns the new tokens of each row; a row ends after its first stop token, which is included.
+        With return_logits, also each row's (n_new, vocab) logits that its tokens were drawn from."""
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise UserError("generate needs at least one non-empty prompt")
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=self.rope_cos.device).manual_seed(seed)
+        device = self.rope_cos.device
+        B, lengths = len(prompts), [len(p) for p in prompts]
+        T0 = max(lengths)
+        total = min(T0 + max_new_tokens, self.args.max_seq_len)
+        if T0 >= self.args.max_seq_len and max_new_tokens > 0:
+            raise UserError(f"prompt of {T0} tokens leaves no room in max_seq_len={self.args.max_seq_len}")
+        # left-pad so that every row's next token is written at the same cache index
+        pad = torch.tensor([T0 - n for n in lengths], device=device)
+        tokens = torch.zeros(B, T0, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            tokens[b, T0 - len(p):] = torch.tensor(p, dtype=torch.long)
+        dtype = self.tok_embeddings.weight.dtype
+        cache = KVCache(self.args, B, total, device, dtype)
+        idx = torch.arange(total, device=device)
+        key_valid = idx[None, :] >= pad[:, None]  # (B, total)
+        positions = (idx[None, :] - pad[:, None]).clamp(min=0)
+        causal = idx[:T0, None] >= idx[None, :T0]
+        # a pad query may see itself so that no softmax row is empty
+        prefill_mask = causal & (key_valid[:, None, :T0] | torch.eye(T0, dtype=torch.bool, device=device))
+        mask = None if not pad.any() else prefill_mask[:, None]
+        h = self.hidden_states(tokens, positions[:, :T0], cache=cache, start=0, mask=mask)
+        logits = self.output(h[:, -1])
+        out = [[] for _ in range(B)]
+        out_logits = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+        for t in range(T0, T0 + max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            for b in (~done).nonzero().flatten().tolist():
+                out[b].append(int(nxt[b]))
+                if return_logits:
+                    out_logits[b].append(logits[b].float())
+            if len(stop):
+                done |= torch.isin(nxt, stop)
+            if bool(done.all()) or t + 1 >= total:
+                break
+            mask = key_valid[:, None, None, :t + 1] if pad.any() else None
+            h = self.hidden_states(nxt[:, None], positions[:, t:t + 1], cache=cache, start=t, mask=mask)
+            logits = self.output(h[:, -1])
+        if return_logits:
+            return out, [torch.stack(rows) if rows else logits.new_zeros(0, logits.size(-1)) for rows in out_logits]
+        return out
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW over trainable parameters; weight decay only on matrices and embeddings."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused_ok = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cpu", "cuda")
+        kwargs = {"fused": True} if fused_ok else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **kwargs)
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token (forward + backward), as in the PaLM appendix."""
+        a = self.args
+        T = seq_len or a.max_seq_len
+        n = sum(p.numel() for p in self.parameters())
+        return 6 * n + 12 * a.n_layers * a.n_heads * a.head_dim * T
+
+    def estimate_mfu(self, tokens_per_s, peak_flops, seq_len=None):
+        """Share of the device's peak FLOP/s achieved, or None when the peak is unknown."""
+        if not peak_flops:
+            return None
+        return self.flops_per_token(seq_len) * tokens_per_s / peak_flops
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row of logits (B, V): greedy at temperature 0, else sampled after top-k and top-p."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        # drop a token when the mass before it already reaches top_p; the first token is always kept
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus a trainable low-rank update scaled by alpha / rank."""
+
+    def __init__(self, base: nn.Linear, rank, alpha, dropout):
+        super().__init__()
+        if rank <= 0:
+            raise UserError(f"lora rank must be positive, got {rank}")
+        self.base = base
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout)
+        base.weight.requires_grad_(False)
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def forward(self, x):
+        return self.base(x) + (self.lora_dropout(x) @ self.lora_a.t() @ self.lora_b.t()) * self.scaling
+
+    def merged(self):
+        """A plain Linear whose weight includes the adapter."""
+        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=False,
+                        device=self.base.weight.device, dtype=self.base.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.base.weight + self.scaling * (self.lora_b @ self.lora_a))
+        return lin
+
+
+DEFAULT_LORA_TARGETS = ("wq", "wk", "wv", "wo")
+
+
+def _linears_named(model, targets):
+    """(parent, attribute, linear) for every nn.Linear whose name or last name part is in targets."""
+    found = []
+    for name, module in model.named_modules():
+        for attr, child in module.named_children():
+            full = f"{name}.{attr}" if name else attr
+            if isinstance(child, nn.Linear) and (attr in targets or full in targets):
+                found.append((module, attr, child))
+    return found
+
+
+def apply_lora(model, rank=8, alpha=16.0, dropout=0.0, targets=DEFAULT_LORA_TARGETS):
+    """Freeze every weight of model and wrap each targeted Linear with a LoRA adapter."""
+    if isinstance(targets, str):
+        targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+    if rank <= 0:
+        raise UserError(f"lora_rank must be positive, got {rank}")
+    found = _linears_named(model, set(targets))
+    missing = set(targets) - {a for _, a, _ in found} - {f"{n}" for n, _ in model.named_modules()}
+    if not found or missing:
+        names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise UserError(f"lora targets {sorted(missing or targets)} match no Linear layer; choose among {names}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for parent, attr, lin in found:
+        setattr(parent, attr, LoRALinear(lin, rank, alpha, dropout))
+    return model
+
+
+def merge_lora(model):
+    """Fold every adapter into its base weight, leaving a plain model."""
+    for name, module in list(model.named_modules()):
+        for attr, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, attr, child.merged())
+    if hasattr(model, "output") and hasattr(model, "tok_embeddings"):
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
+def lora_state_dict(model):
+    """Only the adapter weights (what a LoRA run needs to save)."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_a" in k or ".lora_b" in k}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary name, then rename, so a kill never leaves a half-written file."""
+    with atomic_output(path) as f:
+        torch.save(obj, f)
+
+
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict at path, with a clear error for a missing or unreadable file."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # any unpickling failure means the file is not a checkpoint
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def model_from_checkpoint(ckpt, device="cpu", merge=False, path="checkpoint"):
+    """Rebuild the Transformer of a checkpoint dict (ours or llama2.c's), LoRA adapters included.
+
+    With merge=True adapters are folded into the weights."""
+    if "model_args" not in ckpt or "model" not in ckpt:
+        raise UserError(f"{path} has no model_args/model: not a checkpoint written by train.py")
+    args = ModelArgs.from_dict(ckpt["model_args"])
+    model = Transformer(args)
+    lora = ckpt.get("lora")
+    if lora:
+        apply_lora(model, lora["rank"], lora["alpha"], lora.get("dropout", 0.0), lora["targets"])
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and k != "output.weight"]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+             for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        detail = (wrong or [f"missing {k}" for k in missing] or [f"unexpected {k}" for k in unexpected])[0]
+        raise UserError(f"{path}: weights do not match its model_args ({detail})")
+    model.load_state_dict(state, strict=False)
+    if merge:
+        merge_lora(model)
+    return model.to(device)

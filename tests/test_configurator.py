@@ -1,0 +1,71 @@
+import subprocess
+import sys
+
+import pytest
+
+from configurator import UserError, atomic_output, configure
+from conftest import ROOT
+
+
+def settings():
+    return {"batch_size": 8, "learning_rate": 5e-4, "compile": False, "device": "cpu", "init_from": "scratch",
+            "lora_targets": "wq,wk,wv,wo", "max_iters": 100}
+
+
+def test_overrides_are_typed_literals():
+    ns = settings()
+    changed = configure(ns, ["--batch_size=32", "--learning_rate=1e-3", "--compile=True", "--device=cuda:1",
+                             "--init_from=out/ckpt.pt"])
+    assert ns["batch_size"] == 32 and ns["learning_rate"] == 1e-3 and ns["compile"] is True
+    assert ns["device"] == "cuda:1" and ns["init_from"] == "out/ckpt.pt"
+    assert set(changed) == {"batch_size", "learning_rate", "compile", "device", "init_from"}
+    configure(ns, ["--learning_rate=1"])
+    assert ns["learning_rate"] == 1.0 and isinstance(ns["learning_rate"], float)
+
+
+def test_config_file_then_overrides(tmp_path):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("batch_size = 4\nmax_iters = 7\n")
+    ns = settings()
+    configure(ns, [str(cfg), "--max_iters=9"])
+    assert ns["batch_size"] == 4 and ns["max_iters"] == 9
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_sise=3"], "unknown setting --batch_sise (did you mean --batch_size?)"),
+    (["--batch_size=3.5"], "--batch_size expects a int"),
+    (["--compile=yes"], "--compile expects True or False"),
+    (["--max_iters"], "--max_iters needs a value"),
+    (["config/nope.py"], "config file not found: config/nope.py"),
+])
+def test_mistakes_are_user_errors(argv, message):
+    with pytest.raises(UserError) as e:
+        configure(settings(), argv)
+    assert message in str(e.value)
+
+
+def test_config_file_with_unknown_key(tmp_path):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("learning_rte = 1e-3\n")
+    with pytest.raises(UserError, match="unknown key 'learning_rte'.*learning_rate"):
+        configure(settings(), [str(cfg)])
+
+
+def test_script_exits_2_with_one_line():
+    r = subprocess.run([sys.executable, "tokenizer.py", "--tokenizer_modle=x"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: unknown setting --tokenizer_modle (did you mean --tokenizer_model?)"
+
+
+def test_atomic_output_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_output(str(target)) as f:
+            f.write(b"new, half written")
+            raise RuntimeError("killed")
+    assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+    with atomic_output(str(target)) as f:
+        f.write(b"new")
+    assert target.read_bytes() == b"new"

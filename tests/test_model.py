@@ -1,0 +1,264 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from configurator import UserError
+from model import (LoRALinear, ModelArgs, Transformer, apply_lora, apply_rope, lora_state_dict, merge_lora,
+                   model_from_checkpoint, read_checkpoint, sample_next, save_checkpoint)
+
+SHAPES = {  # llama2.c's published models: (args, parameter count llama2.c reports)
+    "stories260K": (dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4,
+                         max_seq_len=512), 260_032),
+    "stories15M": (dict(dim=288, n_layers=6, n_heads=6, vocab_size=32000, multiple_of=32, max_seq_len=256),
+                   15_191_712),
+    "stories42M": (dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=32, max_seq_len=1024),
+                   41_689_600),
+    "stories110M": (dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, multiple_of=32, max_seq_len=1024),
+                    109_529_856),
+}
+
+
+def tiny(**kw):
+    args = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=8, max_seq_len=64)
+    args.update(kw)
+    torch.manual_seed(0)
+    return Transformer(ModelArgs(**args)).eval()
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_published_shapes_have_llama2c_parameter_counts(name):
+    kw, expected = SHAPES[name]
+    a = ModelArgs(**kw)
+    # llama2.c's count, from its shapes: tied embedding, 4 attention and 3 FFN matrices and 2 norms per layer
+    kv = a.n_kv_heads * a.head_dim
+    per_layer = 2 * a.dim * a.dim + 2 * a.dim * kv + 3 * a.dim * a.hidden_dim + 2 * a.dim
+    assert a.vocab_size * a.dim + a.n_layers * per_layer + a.dim == expected
+    with torch.device("meta"):
+        model = Transformer(a)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_hidden_dim_rule_matches_llama2c():
+    assert ModelArgs(dim=64, n_heads=8, multiple_of=4).hidden_dim == 172
+    assert ModelArgs(dim=512, n_heads=8, multiple_of=32).hidden_dim == 1376
+    assert ModelArgs(dim=288, n_heads=6, multiple_of=32).hidden_dim == 768
+    assert ModelArgs(dim=64, n_heads=8, hidden_dim=100).hidden_dim == 100
+
+
+def test_gqa_matches_explicit_repeat_kv():
+    model = tiny(n_heads=4, n_kv_heads=2)
+    attn = model.layers[0].attention
+    x = torch.randn(2, 10, 32)
+    cos, sin = model.rope_cos[:10], model.rope_sin[:10]
+    q = apply_rope(attn.wq(x).view(2, 10, 4, 8), cos, sin).transpose(1, 2)
+    k = apply_rope(attn.wk(x).view(2, 10, 2, 8), cos, sin).transpose(1, 2).repeat_interleave(2, dim=1)
+    v = attn.wv(x).view(2, 10, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+    scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
+    ref = attn.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 10, 32))
+    assert torch.allclose(attn(x, cos, sin), ref, atol=1e-6)
+
+
+def test_rope_rotates_interleaved_pairs():
+    x = torch.tensor([[[[1.0, 0.0, 0.0, 1.0]]]])  # (B, T, H, D)
+    cos, sin = torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]])  # pair 0 by 90 degrees, pair 1 by 0
+    assert torch.allclose(apply_rope(x, cos, sin), torch.tensor([[[[0.0, 1.0, 0.0, 1.0]]]]))
+
+
+def test_loss_ignores_label_minus_one():
+    model = tiny()
+    x = torch.randint(0, 64, (2, 12))
+    y = torch.randint(0, 64, (2, 12))
+    y[:, :5] = -1
+    logits, loss = model(x, y)
+    expected = F.cross_entropy(logits[:, 5:].reshape(-1, 64), y[:, 5:].reshape(-1))
+    assert torch.allclose(loss, expected)
+    y2 = y.clone()
+    y2[:, :5] = -1
+    x2 = x.clone()
+    assert model(x2, y2)[1].item() == pytest.approx(loss.item())
+
+
+def test_forward_with_hidden_gives_logits_of_every_position():
+    model = tiny()
+    x = torch.randint(0, 64, (3, 9))
+    logits, hidden = model.forward_with_hidden(x)
+    assert logits.shape == (3, 9, 64) and hidden.shape == (3, 9, 32)
+    assert torch.allclose(logits, model(x)[0])
+
+
+def test_kv_cache_logits_equal_full_forward_for_unequal_prompts():
+    model = tiny()
+    prompts = [[1, 5, 6, 7, 8, 9, 10], [1, 9], [1, 3, 4, 5]]
+    out, step_logits = model.generate(prompts, 15, temperature=0.0, return_logits=True)
+    worst = 0.0
+    for p, new, lg in zip(prompts, out, step_logits):
+        assert len(new) == 15 and lg.shape == (15, 64)
+        full, _ = model(torch.tensor([p + new]))
+        ref = full[0, len(p) - 1:len(p) - 1 + len(new)]
+        worst = max(worst, (ref - lg).abs().max().item())
+    assert worst <= 1e-5
+
+
+def test_generate_sampling_batched_equals_one_at_a_time():
+    model = tiny()
+    prompts = [[1, 5, 6, 7], [1, 9]]
+    both = model.generate(prompts, 10, temperature=0.0)
+    assert both == [model.generate([p], 10, temperature=0.0)[0] for p in prompts]
+
+
+def test_generate_seed_reproduces_and_stop_token_ends_row():
+    model = tiny()
+    a = model.generate([[1, 2], [1, 3, 4]], 20, temperature=1.0, seed=7)
+    assert a == model.generate([[1, 2], [1, 3, 4]], 20, temperature=1.0, seed=7)
+    stop = a[0][3]
+    b = model.generate([[1, 2], [1, 3, 4]], 20, temperature=1.0, seed=7, stop_tokens=[stop])
+    assert b[0] == a[0][:a[0].index(stop) + 1]
+
+
+def test_generate_stops_at_max_seq_len():
+    model = tiny(max_seq_len=16)
+    out = model.generate([[1] * 10], 50, temperature=0.0)
+    assert len(out[0]) == 6
+    with pytest.raises(UserError):
+        model.generate([[1] * 16], 5)
+
+
+def test_generate_cost_does_not_rerun_prefix():
+    model = tiny()
+    calls = []
+    orig = model.hidden_states
+
+    def spy(tokens, *a, **kw):
+        calls.append(tokens.shape[1])
+        return orig(tokens, *a, **kw)
+    model.hidden_states = spy
+    model.generate([[1, 2, 3, 4, 5]], 10, temperature=0.0)
+    assert calls == [5] + [1] * 9
+
+
+def test_top_k_and_top_p_never_leave_the_allowed_set():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    probs = logits.softmax(-1)
+    allowed_k = torch.topk(logits, 5, dim=-1).indices
+    sorted_p, order = probs.sort(-1, descending=True)
+    keep = (sorted_p.cumsum(-1) - sorted_p) < 0.6
+    for _ in range(300):
+        tk = sample_next(logits, 1.0, top_k=5, generator=g)
+        assert all(tk[b] in allowed_k[b] for b in range(4))
+        tp = sample_next(logits, 1.0, top_p=0.6, generator=g)
+        assert all(tp[b] in order[b][keep[b]] for b in range(4))
+    assert torch.equal(sample_next(logits, 0.0), logits.argmax(-1))
+
+
+def test_lora_only_adapters_get_gradients_and_rank_is_used():
+    model = tiny()
+    apply_lora(model, rank=3, alpha=6.0, dropout=0.0)
+    lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(lora) == 4 * 2 and all(m.lora_a.shape[0] == 3 and m.lora_b.shape[1] == 3 for m in lora)
+    assert all(m.scaling == 2.0 for m in lora)
+    model.train()
+    x = torch.randint(0, 64, (2, 8))
+    # b starts at zero, so give it values for a gradient to reach a
+    for m in lora:
+        torch.nn.init.normal_(m.lora_b, std=0.1)
+    model(x, x)[1].backward()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    assert set(lora_state_dict(model)) == {n for n, _ in model.named_parameters() if "lora_" in n}
+
+
+def test_lora_alpha_and_dropout_are_used():
+    model = tiny()
+    apply_lora(model, rank=2, alpha=2.0, dropout=0.5, targets="wq")
+    layer = model.layers[0].attention.wq
+    torch.nn.init.normal_(layer.lora_b)
+    x = torch.randn(4, 32)
+    layer.eval()
+    delta = layer(x) - layer.base(x)
+    layer.scaling = 4.0
+    assert torch.allclose(layer(x) - layer.base(x), 4 * delta, atol=1e-5)
+    layer.train()
+    assert not torch.allclose(layer(x), layer(x))
+
+
+def test_merged_lora_output_equals_unmerged():
+    model = tiny()
+    apply_lora(model, rank=4, alpha=8.0, targets=("wq", "wv", "w2"))
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_b, std=0.05)
+    x = torch.randint(0, 64, (2, 10))
+    before = model(x)[0]
+    merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert torch.allclose(model(x)[0], before, atol=1e-5)
+    assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_lora_unknown_target_and_bad_rank_are_user_errors():
+    with pytest.raises(UserError, match="match no Linear"):
+        apply_lora(tiny(), rank=2, targets=("wqq",))
+    with pytest.raises(UserError, match="positive"):
+        apply_lora(tiny(), rank=0)
+
+
+def test_checkpoint_roundtrip_with_lora(tmp_path):
+    model = tiny()
+    apply_lora(model, rank=2, alpha=4.0)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_b)
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint({"model": model.state_dict(), "model_args": vars(model.args),
+                     "lora": {"rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["wq", "wk", "wv", "wo"]}}, path)
+    x = torch.randint(0, 64, (1, 6))
+    ckpt = read_checkpoint(path)
+    assert torch.allclose(model_from_checkpoint(ckpt).eval()(x)[0], model(x)[0], atol=1e-6)
+    assert torch.allclose(model_from_checkpoint(ckpt, merge=True).eval()(x)[0], model(x)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(dim=30, n_heads=4), "not divisible by n_heads"),
+    (dict(n_heads=4, n_kv_heads=3), "not divisible by n_kv_heads"),
+    (dict(dim=0), "must be positive"),
+])
+def test_bad_model_args_are_clear_errors(kw, message):
+    args = dict(dim=32, n_layers=2, n_heads=4, vocab_size=64)
+    args.update(kw)
+    with pytest.raises(UserError, match=message):
+        ModelArgs(**args)
+
+
+def test_checkpoint_whose_shapes_do_not_match_args_is_an_error(tmp_path):
+    model = tiny()
+    args = dict(vars(model.args), dim=64)
+    with pytest.raises(UserError, match="do not match"):
+        model_from_checkpoint({"model": model.state_dict(), "model_args": args})
+    bad = tmp_path / "junk.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        read_checkpoint(str(bad))
+    with pytest.raises(UserError, match="not found"):
+        read_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_optimizer_decays_only_matrices():
+    model = tiny()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+
+
+def test_mfu_needs_a_peak():
+    model = tiny()
+    assert model.estimate_mfu(1000.0, None) is None
+    assert model.estimate_mfu(1000.0, 1e12) == pytest.approx(model.flops_per_token() * 1000.0 / 1e12)

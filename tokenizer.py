@@ -1,0 +1,102 @@
+"""Sentencepiece tokenizer wrapper, the instruct prompt layout, and export to the .bin that run.c reads.
+
+    python tokenizer.py --tokenizer-model=data/tok512.model      # writes data/tok512.bin
+"""
+import os
+import struct
+
+import numpy as np
+from sentencepiece import SentencePieceProcessor
+
+from configurator import UserError, atomic_output, cli, configure
+
+INSTRUCT_SUFFIX = " Possible story:"
+
+
+class Tokenizer:
+    def __init__(self, model_path):
+        if not os.path.isfile(model_path):
+            raise UserError(f"tokenizer model not found: {model_path} "
+                            "(train one with: python tinystories.py train_vocab --vocab_size=512)")
+        self.model_path = model_path
+        self.sp = SentencePieceProcessor()
+        try:
+            self.sp.Load(model_path)
+        except (RuntimeError, OSError) as e:
+            raise UserError(f"{model_path} is not a sentencepiece model ({str(e).splitlines()[0]})") from None
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        self.pad_id = self.sp.pad_id()
+
+    def encode(self, text, bos=True, eos=False):
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts, bos=True, eos=False, num_threads=-1):
+        """Encode many texts at once with sentencepiece's own thread pool."""
+        batch = self.sp.encode(list(texts), num_threads=num_threads)
+        head, tail = [self.bos_id] if bos else [], [self.eos_id] if eos else []
+        return [head + ids + tail for ids in batch]
+
+    def decode(self, ids):
+        return self.sp.decode([int(i) for i in ids])
+
+    def check_vocab(self, vocab_size, what="the model"):
+        """Refuse to pair this tokenizer with a model of another vocabulary size."""
+        if vocab_size != self.vocab_size:
+            raise UserError(f"tokenizer {self.model_path} has {self.vocab_size} tokens but {what} has "
+                            f"{vocab_size}; use the tokenizer the model was trained with")
+
+    def export(self, out_path=None):
+        """Write llama2.c's tokenizer .bin: max token length, then per token score, length and bytes."""
+        out_path = out_path or os.path.splitext(self.model_path)[0] + ".bin"
+        pieces, scores = [], np.zeros(self.vocab_size, dtype=np.float32)
+        for i in range(self.vocab_size):
+            if i == self.bos_id:
+                piece = "\n<s>\n"
+            elif i == self.eos_id:
+                piece = "\n</s>\n"
+            else:
+                piece = self.sp.id_to_piece(i).replace("\u2581", " ")
+            pieces.append(piece.encode("utf-8"))
+            scores[i] = self.sp.get_score(i)
+        parts = [struct.pack("<I", max(len(p) for p in pieces))]
+        for score, piece in zip(scores, pieces):
+            parts += [score.tobytes(), struct.pack("<i", len(piece)), piece]
+        with atomic_output(out_path) as f:
+            f.write(b"".join(parts))
+        return out_path
+
+
+def instruct_prompt(tokenizer, instruction):
+    """Tokens of an instruct prompt: the instruction ending in " Possible story:", then BOS.
+
+    The story follows and ends with EOS. Training data, sample.py and run.c's -m instruct all use this layout."""
+    text = instruction.strip()
+    if not text.endswith(INSTRUCT_SUFFIX.strip()):
+        text += INSTRUCT_SUFFIX
+    return tokenizer.encode(text, bos=False) + [tokenizer.bos_id]
+
+
+def instruct_example(tokenizer, instruction, story):
+    """Tokens and labels of one instruct example; the prompt's labels are -1 so only the story is learned."""
+    prompt = instruct_prompt(tokenizer, instruction)
+    story_tokens = tokenizer.encode(story, bos=False, eos=True)
+    return prompt + story_tokens, [-1] * len(prompt) + story_tokens
+
+
+tokenizer_model = ""  # the sentencepiece .model to export
+out = ""  # the .bin to write; default: beside the model
+
+
+@cli
+def main(argv=None):
+    configure(globals(), argv)
+    if not tokenizer_model:
+        raise UserError("say which tokenizer to export: python tokenizer.py --tokenizer-model=data/tok512.model")
+    print(f"wrote {Tokenizer(tokenizer_model).export(out or None)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -58,6 +58,11 @@ def settable_keys(namespace):
             and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
 
 
+def current_config(namespace):
+    """The script's settings as they stand, for a checkpoint or a log."""
+    return {k: namespace[k] for k in namespace.get("_config_defaults", settable_keys(namespace))}
+
+
 def _nearest(key, keys):
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     return f" (did you mean --{close[0]}?)" if close else ""
@@ -86,9 +91,12 @@ def _parse_value(key, raw, default):
 def configure(namespace, argv=None):
     """Apply config files and --key=value overrides in argv to namespace (a script's globals()).
 
+    Every call starts again from the script's defaults, so main(argv) can run twice in one process.
     Returns the dict of keys that were set."""
     argv = sys.argv[1:] if argv is None else argv
-    keys = settable_keys(namespace)
+    defaults = namespace.setdefault("_config_defaults", dict(settable_keys(namespace)))
+    namespace.update({k: list(v) if isinstance(v, list) else v for k, v in defaults.items()})
+    keys = defaults
     changed = {}
     for arg in argv:
         if not arg.startswith("--"):

@@ -409,18 +409,27 @@ def read_checkpoint(path, device="cpu"):
 def model_from_checkpoint(ckpt, device="cpu", merge=False, path="checkpoint"):
     """Rebuild the Transformer of a checkpoint dict (ours or llama2.c's), LoRA adapters included.
 
-    With merge=True adapters are folded into the weights."""
+    A LoRA checkpoint may hold only its adapters and name its base checkpoint ("base_checkpoint");
+    the base is then loaded first. With merge=True adapters are folded into the weights."""
     if "model_args" not in ckpt or "model" not in ckpt:
         raise UserError(f"{path} has no model_args/model: not a checkpoint written by train.py")
-    args = ModelArgs.from_dict(ckpt["model_args"])
-    model = Transformer(args)
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
     lora = ckpt.get("lora")
+    base_path = ckpt.get("base_checkpoint")
+    if base_path:
+        base = model_from_checkpoint(read_checkpoint(_resolve_base(base_path, path)), merge=True, path=base_path)
+        model = base.cpu()
+        if model.args != ModelArgs.from_dict(ckpt["model_args"]):
+            raise UserError(f"{path}: its base checkpoint {base_path} has another model shape")
+    else:
+        model = Transformer(ModelArgs.from_dict(ckpt["model_args"]))
     if lora:
         apply_lora(model, lora["rank"], lora["alpha"], lora.get("dropout", 0.0), lora["targets"])
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
     expected = model.state_dict()
+    if base_path:  # only the adapters come from this file
+        expected = {k: v for k, v in expected.items() if ".lora_" in k}
     missing = [k for k in expected if k not in state and k != "output.weight"]
-    unexpected = [k for k in state if k not in expected]
+    unexpected = [k for k in state if k not in model.state_dict()]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
              for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
@@ -430,3 +439,20 @@ def model_from_checkpoint(ckpt, device="cpu", merge=False, path="checkpoint"):
     if merge:
         merge_lora(model)
     return model.to(device)
+
+
+def _resolve_base(base_path, ckpt_path):
+    """A base checkpoint path as recorded, or relative to the LoRA checkpoint's folder."""
+    if os.path.isfile(base_path):
+        return base_path
+    beside = os.path.join(os.path.dirname(ckpt_path), os.path.basename(base_path))
+    if os.path.isfile(beside):
+        return beside
+    raise UserError(f"{ckpt_path} is a LoRA checkpoint whose base {base_path} is missing; restore it or "
+                    "export the merged model where the base exists")
+
+
+def load_model(path, device="cpu", merge=False):
+    """Read a checkpoint file and rebuild its model; returns (model, checkpoint dict)."""
+    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(ckpt, device, merge=merge, path=path), ckpt

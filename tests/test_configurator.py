@@ -69,3 +69,10 @@ def test_atomic_output_keeps_old_file_on_failure(tmp_path):
     with atomic_output(str(target)) as f:
         f.write(b"new")
     assert target.read_bytes() == b"new"
+
+
+def test_each_configure_starts_from_the_defaults():
+    ns = settings()
+    configure(ns, ["--batch_size=3"])
+    configure(ns, ["--max_iters=5"])
+    assert ns["batch_size"] == 8 and ns["max_iters"] == 5

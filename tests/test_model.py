@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from configurator import UserError
 from model import (LoRALinear, ModelArgs, Transformer, apply_lora, apply_rope, lora_state_dict, merge_lora,
-                   model_from_checkpoint, read_checkpoint, sample_next, save_checkpoint)
+                   load_model, model_from_checkpoint, read_checkpoint, sample_next,
+                   save_checkpoint)
 
 SHAPES = {  # llama2.c's published models: (args, parameter count llama2.c reports)
     "stories260K": (dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4,
@@ -262,3 +263,24 @@ def test_mfu_needs_a_peak():
     model = tiny()
     assert model.estimate_mfu(1000.0, None) is None
     assert model.estimate_mfu(1000.0, 1e12) == pytest.approx(model.flops_per_token() * 1000.0 / 1e12)
+
+
+def test_adapter_only_lora_checkpoint_loads_its_base(tmp_path):
+    base = tiny()
+    base_path = str(tmp_path / "base.pt")
+    save_checkpoint({"model": base.state_dict(), "model_args": vars(base.args)}, base_path)
+    apply_lora(base, rank=2, alpha=2.0)
+    for m in base.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_b)
+    lora_path = str(tmp_path / "lora.pt")
+    save_checkpoint({"model": lora_state_dict(base), "model_args": vars(base.args), "base_checkpoint": base_path,
+                     "lora": {"rank": 2, "alpha": 2.0, "dropout": 0.0, "targets": ["wq", "wk", "wv", "wo"]}},
+                    lora_path)
+    x = torch.randint(0, 64, (1, 6))
+    model, ckpt = load_model(lora_path, merge=True)
+    assert torch.allclose(model.eval()(x)[0], base(x)[0], atol=1e-5)
+    import os
+    os.remove(base_path)
+    with pytest.raises(UserError, match="base .* is missing"):
+        load_model(lora_path)

@@ -75,17 +75,13 @@ def rope_tables(head_dim, max_len, theta=10000.0):
     return torch.cos(angles), torch.sin(angles)
 
 
-def apply_rope(x, cos, sin):
+def apply_rope(x, freqs):
     """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) as llama2.c and Meta's Llama do.
 
-    cos/sin are (T, D/2) or (B, T, D/2)."""
-    if cos.dim() == 2:
-        cos, sin = cos[None], sin[None]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    freqs is the complex rotation of each (position, pair): (T, D/2), or (B, T, D/2) for per-row positions.
+    One complex multiply is several times cheaper than rotating strided halves."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * freqs.unsqueeze(-2)).flatten(-2).type_as(x)
 
 
 class KVCache:
@@ -109,12 +105,11 @@ class Attention(nn.Module):
         self.dropout = args.dropout
         self.resid_dropout = nn.Dropout(args.dropout)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, start=0, mask=None):
+    def forward(self, x, freqs, cache=None, layer=0, start=0, mask=None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), freqs)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), freqs)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             cache.k[layer][:, :, start:start + T] = k
@@ -150,8 +145,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, **cache_kw):
-        h = x + self.attention(self.attention_norm(x), cos, sin, **cache_kw)
+    def forward(self, x, freqs, **cache_kw):
+        h = x + self.attention(self.attention_norm(x), freqs, **cache_kw)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -189,9 +184,10 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        freqs = torch.complex(cos.float(), sin.float())
         h = self.dropout(self.tok_embeddings(tokens))
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, layer=i, **cache_kw) if cache_kw else layer(h, cos, sin)
+            h = layer(h, freqs, layer=i, **cache_kw) if cache_kw else layer(h, freqs)
         return self.norm(h)
 
     def forward(self, tokens, targets=None):

@@ -52,20 +52,20 @@ def test_gqa_matches_explicit_repeat_kv():
     model = tiny(n_heads=4, n_kv_heads=2)
     attn = model.layers[0].attention
     x = torch.randn(2, 10, 32)
-    cos, sin = model.rope_cos[:10], model.rope_sin[:10]
-    q = apply_rope(attn.wq(x).view(2, 10, 4, 8), cos, sin).transpose(1, 2)
-    k = apply_rope(attn.wk(x).view(2, 10, 2, 8), cos, sin).transpose(1, 2).repeat_interleave(2, dim=1)
+    freqs = torch.complex(model.rope_cos[:10], model.rope_sin[:10])
+    q = apply_rope(attn.wq(x).view(2, 10, 4, 8), freqs).transpose(1, 2)
+    k = apply_rope(attn.wk(x).view(2, 10, 2, 8), freqs).transpose(1, 2).repeat_interleave(2, dim=1)
     v = attn.wv(x).view(2, 10, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(8)
     scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
     ref = attn.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 10, 32))
-    assert torch.allclose(attn(x, cos, sin), ref, atol=1e-6)
+    assert torch.allclose(attn(x, freqs), ref, atol=1e-6)
 
 
 def test_rope_rotates_interleaved_pairs():
     x = torch.tensor([[[[1.0, 0.0, 0.0, 1.0]]]])  # (B, T, H, D)
-    cos, sin = torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]])  # pair 0 by 90 degrees, pair 1 by 0
-    assert torch.allclose(apply_rope(x, cos, sin), torch.tensor([[[[0.0, 1.0, 0.0, 1.0]]]]))
+    freqs = torch.complex(torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]]))  # pair 0 by 90 degrees, pair 1 by 0
+    assert torch.allclose(apply_rope(x, freqs), torch.tensor([[[[0.0, 1.0, 0.0, 1.0]]]]))
 
 
 def test_loss_ignores_label_minus_one():

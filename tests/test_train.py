@@ -1,0 +1,332 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tinystories
+import train
+from conftest import ROOT
+from model import load_model, read_checkpoint, save_checkpoint
+from tokenizer import Tokenizer
+
+TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--multiple_of=8"]
+CONTRACT = {"model", "model_args", "config", "mode", "iter_num", "best_val_loss", "optimizer", "rng", "data_state",
+            "tokenizer", "eos", "lora"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny models gain nothing from a second thread, and lose much when the machine is busy
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+
+
+def sft_seq_len(data_dir):
+    """A max_seq_len that holds the longest instruct prompt of the corpus and some story."""
+    longest = max(len(e["prompt"]) for e in tinystories.instruct_examples("train", 512, data_dir))
+    return (longest // 32 + 2) * 32
+
+
+@pytest.fixture(scope="module")
+def pretrained(story_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("pretrain"))
+    train.main([*TINY, f"--data_dir={story_data}", f"--out_dir={out}", "--batch_size=8", "--max_seq_len=64",
+                "--max_iters=200", "--eval_interval=100", "--eval_iters=4", "--log_interval=20",
+                "--learning_rate=3e-3", "--warmup_iters=20"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def sft_model(story_data, pretrained, tmp_path_factory):
+    """Full SFT of the pretrained model, with a context long enough for the instruct examples."""
+    out = str(tmp_path_factory.mktemp("sft"))
+    train.main([f"--data_dir={story_data}", f"--out_dir={out}", "--sft=True",
+                f"--init_from={pretrained}/ckpt.pt", f"--max_seq_len={sft_seq_len(story_data)}", "--batch_size=4",
+                "--max_iters=40", "--eval_interval=40", "--eval_iters=4", "--log_interval=10",
+                "--learning_rate=3e-3", "--warmup_iters=5"])
+    return out
+
+
+def test_pretraining_loss_falls_and_checkpoint_holds_the_contract(pretrained, story_data):
+    train_rows, evals = metrics(pretrained)
+    assert [r["iter"] for r in evals] == [0, 100, 200]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.5, evals  # from ln(512) = 6.2 on
+    assert [r["iter"] for r in train_rows] == list(range(0, 200, 20))
+    for r in train_rows:
+        assert {"iter", "loss", "lr", "tokens_per_s", "ms_per_iter"} <= set(r) and "mfu" not in r
+        assert r["tokens_per_s"] > 0 and r["lr"] > 0
+    ckpt = read_checkpoint(os.path.join(pretrained, "ckpt.pt"))
+    assert CONTRACT <= set(ckpt)
+    assert ckpt["mode"] == "pretrain" and ckpt["iter_num"] == 200 and ckpt["lora"] is None
+    assert ckpt["tokenizer"]["path"] == tinystories.tokenizer_path(512, story_data)
+    assert ckpt["tokenizer"]["vocab_size"] == 512 and ckpt["eos"] is False
+    assert ckpt["config"]["max_iters"] == 200 and ckpt["config"]["dim"] == 32
+    assert ckpt["data_state"] == {"next_batch": 200}
+    assert ckpt["best_val_loss"] == min(r["val_loss"] for r in evals)
+    best = read_checkpoint(os.path.join(pretrained, "best.pt"))
+    assert best["best_val_loss"] == ckpt["best_val_loss"]
+    model, _ = load_model(os.path.join(pretrained, "ckpt.pt"))
+    assert model.args.dim == 32 and model.args.vocab_size == 512
+
+
+@pytest.mark.parametrize("name, params", [("stories260K", 260_032), ("stories15M", 15_191_712),
+                                          ("stories42M", 41_689_600), ("stories110M", 109_529_856)])
+def test_config_files_build_the_published_shapes(name, params):
+    train.configure(vars(train), [os.path.join(ROOT, "config", f"{name}.py")])
+    with torch.device("meta"):
+        model, _ = train.build_model(None, None)
+    assert sum(p.numel() for p in model.parameters()) == params  # llama2.c's counts
+
+
+def test_config_file_trains_with_overrides(story_data, tmp_path):
+    out = str(tmp_path / "out")
+    train.main([os.path.join(ROOT, "config", "stories260K.py"), f"--data_dir={story_data}", f"--out_dir={out}",
+                "--batch_size=2", "--max_iters=2", "--eval_iters=1"])
+    ckpt = read_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["model_args"]["n_kv_heads"] == 4 and ckpt["config"]["dropout"] == 0.05
+    assert ckpt["config"]["batch_size"] == 2 and ckpt["iter_num"] == 2
+
+
+def test_llama2_vocab_source_trains_on_tok0(story_data, shared_data, tmp_path):
+    data = str(tmp_path / "data")
+    shutil.copytree(tinystories.corpus_dir(story_data), tinystories.corpus_dir(data))
+    tinystories.pretokenize(0, os.path.join(shared_data, "llama2-tokenizer.model"), data_dir=data)
+    out = str(tmp_path / "out")
+    train.main([*TINY, "--vocab_source=llama2", f"--data_dir={data}", f"--out_dir={out}", "--batch_size=2",
+                "--max_seq_len=32", "--max_iters=2", "--eval_iters=1"])
+    ckpt = read_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["model_args"]["vocab_size"] == 32000 and ckpt["tokenizer"]["vocab_size"] == 32000
+    assert ckpt["config"]["vocab_source"] == "llama2"
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    train.configure(vars(train), ["--learning_rate=1.0", "--min_lr=0.1", "--warmup_iters=10",
+                                  "--lr_decay_iters=110", "--max_iters=200"])
+    assert train.get_lr(0) == pytest.approx(1 / 11) and train.get_lr(9) == pytest.approx(10 / 11)
+    assert train.get_lr(10) == pytest.approx(1.0)
+    assert train.get_lr(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert train.get_lr(110) == train.get_lr(190) == pytest.approx(0.1)
+    train.configure(vars(train), ["--learning_rate=1.0", "--warmup_iters=0", "--max_iters=200"])
+    assert train.get_lr(100) == pytest.approx(0.5) and train.get_lr(200) == 0.0  # decays over max_iters
+    train.configure(vars(train), ["--learning_rate=1.0", "--decay_lr=False"])
+    assert train.get_lr(0) == train.get_lr(10**6) == 1.0
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "lora_sft"])
+def test_resume_reproduces_the_loss_curve(mode, story_data, sft_model, tmp_path):
+    common = [f"--data_dir={story_data}", "--eval_interval=5", "--log_interval=1", "--eval_iters=2",
+              "--lr_decay_iters=12", "--warmup_iters=2"]
+    if mode == "pretrain":
+        common += [*TINY, "--batch_size=4", "--max_seq_len=32", "--dropout=0.1"]
+    else:
+        common += ["--sft=True", f"--init_from={sft_model}/ckpt.pt", "--lora_rank=4", "--lora_dropout=0.1",
+                   "--batch_size=2", "--learning_rate=1e-2"]
+    whole, halves = str(tmp_path / "whole"), str(tmp_path / "halves")
+    train.main(common + [f"--out_dir={whole}", "--max_iters=12"])
+    train.main(common + [f"--out_dir={halves}", "--max_iters=6"])
+    assert read_checkpoint(os.path.join(halves, "ckpt.pt"))["iter_num"] == 6
+    train.main(["--init_from=resume", f"--out_dir={halves}", "--max_iters=12"])
+    (rows_a, evals_a), (rows_b, evals_b) = metrics(whole), metrics(halves)
+    assert [r["iter"] for r in rows_b] == list(range(12))
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]  # bit for bit
+    assert [r["lr"] for r in rows_a] == [r["lr"] for r in rows_b]
+    evals_b = {r["iter"]: r["val_loss"] for r in evals_b}
+    assert all(evals_b[r["iter"]] == r["val_loss"] for r in evals_a)
+    a, b = (read_checkpoint(os.path.join(d, "ckpt.pt")) for d in (whole, halves))
+    assert a["iter_num"] == b["iter_num"] == 12 and a["mode"] == b["mode"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_sft_trains_on_story_tokens_only(story_data, sft_model):
+    ckpt = read_checkpoint(os.path.join(sft_model, "ckpt.pt"))
+    assert ckpt["mode"] == "sft" and ckpt["eos"] is True and ckpt["config"]["sft"] is True
+    _, evals = metrics(sft_model)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    # the batches train.py draws under --sft=True: prompt labels are -1, story labels are the story
+    seq = sft_seq_len(story_data)
+    train.configure(vars(train), ["--sft=True", f"--data_dir={story_data}", "--batch_size=4",
+                                  f"--max_seq_len={seq}"])
+    x, y = next(train.make_batches("train"))
+    stories = {tuple(e["prompt"]): e["story"] for e in tinystories.instruct_examples("train", 512, story_data)}
+    bos = Tokenizer(tinystories.tokenizer_path(512, story_data)).bos_id
+    for row in range(len(x)):
+        prompt_len = x[row].tolist().index(bos) + 1  # the prompt ends with BOS; the story has none
+        story = stories[tuple(x[row, :prompt_len].tolist())]
+        n = min(len(story), x.shape[1] - prompt_len + 1)
+        assert (y[row, :prompt_len - 1] == -1).all()
+        assert y[row, prompt_len - 1:prompt_len - 1 + n].tolist() == story[:n]
+        assert (y[row, prompt_len - 1 + n:] == -1).all()
+    # the loss train_step minimises is the cross-entropy of those story tokens alone
+    model, _ = load_model(os.path.join(sft_model, "ckpt.pt"))
+    logits, loss = model(x, y)
+    story_positions = y != -1
+    expected = F.cross_entropy(logits[story_positions], y[story_positions])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    everything = torch.cat([x[:, 1:], y[:, -1:]], dim=1)  # what a pretraining loss would count
+    assert model(x, everything)[1].item() != pytest.approx(loss.item(), rel=1e-3)
+
+
+def test_lora_checkpoint_holds_only_adapters_and_base_is_untouched(story_data, sft_model, tmp_path):
+    out = str(tmp_path / "lora")
+    base_path = os.path.join(sft_model, "ckpt.pt")
+    train.main([f"--data_dir={story_data}", f"--out_dir={out}", "--sft=True", f"--init_from={base_path}",
+                "--lora_rank=4", "--lora_alpha=8", "--batch_size=2", "--max_iters=10", "--eval_interval=10",
+                "--eval_iters=2", "--learning_rate=1e-2", "--warmup_iters=0"])
+    path = os.path.join(out, "ckpt.pt")
+    ckpt = read_checkpoint(path)
+    assert ckpt["lora"] == {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["wq", "wk", "wv", "wo"]}
+    assert ckpt["base_checkpoint"] == os.path.abspath(base_path) and ckpt["mode"] == "sft"
+    assert ckpt["model"] and all(".lora_a" in k or ".lora_b" in k for k in ckpt["model"])
+    assert len(ckpt["optimizer"]["state"]) == len(ckpt["model"])  # only adapters were optimised
+    assert os.path.getsize(path) < os.path.getsize(base_path) / 4
+    model, _ = load_model(path)
+    base, _ = load_model(base_path)
+    state = model.state_dict()
+    for name, weight in base.state_dict().items():
+        wrapped = name.replace(".weight", ".base.weight")
+        assert torch.equal(state.get(wrapped, state.get(name)), weight), name
+    assert all(state[k].abs().sum() > 0 for k in state if k.endswith("lora_b"))  # zero at init: trained
+    merged, _ = load_model(path, merge=True)
+    x = torch.randint(0, 512, (1, 16))
+    assert not torch.allclose(merged(x)[0], base(x)[0])
+
+
+def test_eval_only_and_always_save_checkpoint(story_data, pretrained, tmp_path):
+    out = str(tmp_path / "eval")
+    train.main([f"--data_dir={story_data}", f"--out_dir={out}", f"--init_from={pretrained}/ckpt.pt",
+                "--eval_only=True", "--eval_iters=2"])
+    _, evals = metrics(out)
+    assert len(evals) == 1 and not os.path.exists(os.path.join(out, "ckpt.pt"))
+    out = str(tmp_path / "latest")
+    train.main([*TINY, f"--data_dir={story_data}", f"--out_dir={out}", "--batch_size=2", "--max_seq_len=16",
+                "--max_iters=3", "--eval_interval=2", "--eval_iters=1", "--always_save_checkpoint=True",
+                "--peak_flops=1e12"])
+    assert os.listdir(out) and not os.path.exists(os.path.join(out, "best.pt"))
+    assert read_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] == 3  # saved at the end too
+    rows, _ = metrics(out)
+    assert all(0 < r["mfu"] < 1 for r in rows)
+
+
+KILLED_RUN = """
+import sys, time, torch
+sys.path.insert(0, {root!r})
+import train
+real_save, saves = torch.save, []
+def save_then_hang_on_the_second(obj, f, *args, **kwargs):
+    saves.append(1)
+    if len(saves) == 2:
+        f.write(b"half a checkpoint")
+        f.flush()
+        open({flag!r}, "w").close()
+        time.sleep(600)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save_then_hang_on_the_second
+train.main({argv!r})
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(story_data, tmp_path):
+    out, flag = str(tmp_path / "out"), str(tmp_path / "writing")
+    argv = [*TINY, f"--data_dir={story_data}", f"--out_dir={out}", "--batch_size=2", "--max_seq_len=16",
+            "--max_iters=6", "--eval_interval=2", "--eval_iters=1", "--always_save_checkpoint=True"]
+    script = tmp_path / "killed_run.py"
+    script.write_text(KILLED_RUN.format(root=ROOT, flag=flag, argv=argv))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not os.path.exists(flag) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert os.path.exists(flag), proc.stderr.read().decode() if proc.poll() is not None else "no second save"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    leftovers = [f for f in os.listdir(out) if ".tmp" in f]
+    assert leftovers  # killed in the middle of writing ckpt.pt's replacement
+    ckpt = read_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["iter_num"] == 2
+    load_model(os.path.join(out, "ckpt.pt"))
+    train.main(["--init_from=resume", f"--out_dir={out}"])
+    assert read_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] == 6
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_ddp_two_processes_stay_in_sync(story_data, tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), *TINY, f"--data_dir={story_data}", f"--out_dir={out}",
+           "--batch_size=4", "--max_seq_len=32", "--gradient_accumulation_steps=2", "--max_iters=8",
+           "--eval_interval=4", "--eval_iters=2", "--log_interval=1", "--dropout=0.1", "--print_checksum=True"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    sums = dict(line.split()[1:4:2] for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert set(sums) == {"0", "1"} and sums["0"] == sums["1"], result.stdout
+    assert "(2 x 1 x 4 x 32)" in result.stdout  # 2 accumulation steps shared by 2 processes
+    rows, evals = metrics(out)
+    assert [r["iter"] for r in rows] == list(range(8)) and [r["iter"] for r in evals] == [0, 4, 8]
+    ckpt = read_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["iter_num"] == 8 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # own dropout stream each
+
+
+def one_error_line(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_bad_input_is_one_line_and_exit_2(story_data, pretrained, tmp_path, capsys, monkeypatch):
+    data = [f"--data_dir={story_data}", f"--out_dir={tmp_path / 'out'}"]
+    empty = str(tmp_path / "empty")
+    assert "pretokenize --vocab_size=512" in one_error_line(capsys, [f"--data_dir={empty}"])
+    plain_only = tmp_path / "plain" / "tok512"
+    plain_only.mkdir(parents=True)
+    (plain_only / "meta.json").write_text(open(os.path.join(story_data, "tok512", "meta.json")).read())
+    assert "--instruct=True" in one_error_line(capsys, [f"--data_dir={plain_only.parent}", "--sft=True"])
+    assert "nothing to resume" in one_error_line(capsys, [*data, "--init_from=resume"])
+    assert "checkpoint not found" in one_error_line(capsys, [*data, "--init_from=nowhere/ckpt.pt"])
+    # a checkpoint trained with another vocabulary than the data's
+    ckpt = read_checkpoint(os.path.join(pretrained, "ckpt.pt"))
+    ckpt["tokenizer"]["sha256"] = "0" * 64
+    other = str(tmp_path / "other_vocab.pt")
+    save_checkpoint(ckpt, other)
+    assert "another vocabulary" in one_error_line(capsys, [*data, f"--init_from={other}"])
+    assert "vocab_size=512" in one_error_line(capsys, [*data, f"--init_from={pretrained}/ckpt.pt",
+                                                        "--vocab_size=1024"])
+    assert "--vocab_size=32000" in one_error_line(capsys, [*data, "--vocab_source=llama2", "--vocab_size=512"])
+    assert "tok0: run python tinystories.py pretokenize --vocab_size=0" in one_error_line(
+        capsys, [*data, "--vocab_source=llama2"])
+    # LoRA
+    assert "lora_rank" in one_error_line(capsys, [*data, f"--init_from={pretrained}/ckpt.pt", "--lora_rank=-1"])
+    assert "--lora_rank=8" in one_error_line(capsys, [*data, f"--init_from={pretrained}/ckpt.pt",
+                                                       "--lora_alpha=8"])
+    assert "--init_from" in one_error_line(capsys, [*data, "--lora_rank=4"])
+    # memory, refused before anything is allocated
+    line = one_error_line(capsys, [*data, "--batch_size=1000000", "--max_seq_len=512"])
+    assert "GiB" in line and "--batch_size" in line
+    # resume keeps the model
+    assert "keeps its model" in one_error_line(capsys, ["--init_from=resume", f"--out_dir={pretrained}",
+                                                        "--dim=48"])
+    # DDP: accumulation steps must split evenly over the processes
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "--gradient_accumulation_steps=2" in one_error_line(capsys, [*data])

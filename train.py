@@ -1,0 +1,594 @@
+"""Pretrain a small Llama 2 on TinyStories, or fine-tune one on instructions (full or LoRA), on a CPU or GPUs.
+
+    python train.py                         # pretrain the 260K shape on data/tok512, sized for a 2-core CPU
+    python train.py config/stories260K.py   # llama2.c's stories260K recipe (128 x 512 tokens per iteration)
+    python train.py --sft=True --init_from=out260K/ckpt.pt --out_dir=out260K-sft    # full SFT
+    python train.py --sft=True --init_from=out260K/ckpt.pt --lora_rank=8 --out_dir=out-lora  # LoRA SFT
+    python train.py --init_from=resume --out_dir=out260K                            # continue any run
+    torchrun --standalone --nproc_per_node=2 train.py --gradient_accumulation_steps=2 ...   # DDP
+
+In out_dir: ckpt.pt is the latest state, written at every eval and at the end of training, and is what
+--init_from=resume continues (bit for bit on CPU: optimizer, RNG and data stream are restored). best.pt is
+the checkpoint with the lowest val loss so far, unless always_save_checkpoint=True (then only the latest is
+kept). metrics.jsonl gets one JSON row per log_interval ({"iter", "loss", "lr", "tokens_per_s", ...}) and one
+per eval ({"iter", "val_loss"}). A resumed run keeps the settings of its checkpoint; settings given on its
+command line (say a larger --max_iters) override them.
+"""
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import tinystories
+from configurator import UserError, atomic_output, cli, configure, current_config
+from model import ModelArgs, Transformer, apply_lora, lora_state_dict, model_from_checkpoint, read_checkpoint, \
+    save_checkpoint
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out"
+eval_interval = 250  # evaluate val loss and write ckpt.pt every this many iterations
+log_interval = 10
+eval_iters = 10  # val batches per eval; llama2.c's 2 x 100 takes 15 s on a 2-core CPU
+eval_only = False  # evaluate once and exit
+always_save_checkpoint = False  # True: keep only the latest checkpoint, no best.pt
+init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | path of a checkpoint to fine-tune
+# data
+data_dir = "data"
+vocab_source = "custom"  # custom: our tokenizer in data/tok{vocab_size}; llama2: Meta's 32000 tokens, data/tok0
+vocab_size = 512
+batch_size = 16  # micro-batch size; tokens per iteration = batch_size * max_seq_len * gradient_accumulation_steps
+max_seq_len = 256
+seed = 1337
+# mode
+sft = False  # train on the instruct shards; the loss counts story tokens only
+# model (taken from the checkpoint when fine-tuning or resuming)
+dim = 64
+n_layers = 5
+n_heads = 8
+n_kv_heads = 4
+multiple_of = 4
+dropout = 0.0
+# LoRA (fine-tuning only): freeze the model, train low-rank adapters on lora_targets
+lora_rank = 0  # 0: no LoRA
+lora_alpha = 16.0
+lora_dropout = 0.0
+lora_targets = "wq,wk,wv,wo"
+# AdamW and schedule
+gradient_accumulation_steps = 1  # the total over all DDP processes
+learning_rate = 1e-3
+max_iters = 2000
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0.0 disables clipping
+decay_lr = True  # linear warmup, then cosine decay to min_lr at lr_decay_iters
+warmup_iters = 100
+lr_decay_iters = None  # None: max_iters
+min_lr = 0.0
+# system
+device = "cpu"  # cpu | cuda | cuda:1 | mps
+dtype = "float32"  # float32 | bfloat16 | float16 (autocast; float16 adds a GradScaler)
+compile = False  # torch.compile the model
+peak_flops = None  # the device's peak FLOP/s (e.g. 312e12 for an A100 in bf16): logs MFU when given
+print_checksum = False  # debug: every process prints a hash of its weights at the end (DDP sync check)
+# -----------------------------------------------------------------------------
+
+MODEL_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len", "vocab_size")
+FIXED_ON_RESUME = MODEL_KEYS + ("vocab_source", "dropout", "sft", "lora_rank", "lora_alpha", "lora_dropout",
+                                "lora_targets")
+LLAMA2_VOCAB = 32000
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the training loop needs, whatever the mode."""
+    mode: str
+    model: torch.nn.Module  # what the step calls: compiled and/or DDP-wrapped
+    raw_model: Transformer  # the plain module: its weights are what a checkpoint saves
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ctx: Any  # autocast context (or nullcontext)
+    device: str
+    rank: int
+    world_size: int
+    accum_steps: int  # micro-steps per iteration in this process
+    batches: Any  # the training stream; its state_dict goes into the checkpoint
+    meta: dict  # the pretokenized data's meta.json
+    base_checkpoint: Optional[str] = None  # a LoRA run's frozen base
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    resumed: bool = False
+    extra_state: Callable[[], dict] = dict  # a mode's further checkpoint entries (e.g. a value head)
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+# ----------------------------------------------------------------------------- settings
+
+def resolve_settings(changed):
+    """Settle the settings of this run; returns (checkpoint dict or None, its path).
+
+    Resume takes every setting from the checkpoint except those given now; fine-tuning takes the shape."""
+    g = globals()
+    ckpt, path = None, None
+    if init_from == "resume":
+        path = os.path.join(out_dir, "ckpt.pt")
+        if not os.path.isfile(path):
+            raise UserError(f"nothing to resume: {path} does not exist (start with --init_from=scratch)")
+        ckpt = read_checkpoint(path)
+        if not {"config", "optimizer", "rng", "data_state"} <= set(ckpt):
+            raise UserError(f"{path} lacks the training state to resume (not written by this train.py); "
+                            f"fine-tune from it instead: --init_from={path}")
+        saved = ckpt["config"]
+        for k in FIXED_ON_RESUME:
+            if k in changed and k in saved and changed[k] != saved[k]:
+                raise UserError(f"--{k}={changed[k]!r} but {path} was trained with {k}={saved[k]!r}; "
+                                "a resumed run keeps its model and mode")
+        for k, v in saved.items():
+            if k in g["_config_defaults"] and k not in changed and k not in ("init_from", "out_dir"):
+                g[k] = v
+    elif init_from != "scratch":
+        path = init_from
+        ckpt = read_checkpoint(path)
+        if "model_args" not in ckpt:
+            raise UserError(f"{path} has no model_args: not a checkpoint written by train.py")
+        args = ModelArgs.from_dict(ckpt["model_args"])
+        for k in MODEL_KEYS:
+            theirs = getattr(args, k)
+            resizable = k == "max_seq_len" and not lora_rank  # only the rope tables depend on it
+            if k in changed and changed[k] != theirs and not resizable:
+                raise UserError(f"--{k}={changed[k]} but {path} has {k}={theirs}; a fine-tuned model keeps its "
+                                "checkpoint's shape and vocabulary (a LoRA run its max_seq_len too)")
+            if k not in changed:
+                g[k] = theirs
+        if "dropout" not in changed:
+            g["dropout"] = args.dropout
+        elif lora_rank and dropout != args.dropout:
+            raise UserError(f"a LoRA run keeps its base model's dropout ({args.dropout}): set --lora_dropout instead")
+        if "vocab_source" not in changed:
+            g["vocab_source"] = ckpt.get("config", {}).get(
+                "vocab_source", "llama2" if args.vocab_size == LLAMA2_VOCAB else "custom")
+    elif vocab_source == "llama2" and "vocab_size" not in changed:
+        g["vocab_size"] = LLAMA2_VOCAB
+    check_settings(changed)
+    return ckpt, path
+
+
+def check_settings(changed):
+    """Refuse settings that cannot work, each with one line saying what to change."""
+    if vocab_source not in ("custom", "llama2"):
+        raise UserError(f"--vocab_source must be custom or llama2, got {vocab_source!r}")
+    if vocab_source == "llama2" and vocab_size != LLAMA2_VOCAB:
+        raise UserError(f"the Llama 2 tokenizer has {LLAMA2_VOCAB} tokens: use --vocab_size={LLAMA2_VOCAB} "
+                        "or --vocab_source=custom")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    for k in ("batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_interval", "log_interval",
+              "eval_iters"):
+        if globals()[k] <= 0:
+            raise UserError(f"--{k} must be positive, got {globals()[k]}")
+    if max_iters < 0 or warmup_iters < 0:
+        raise UserError("--max_iters and --warmup_iters must not be negative")
+    if lr_decay_iters is not None and (not isinstance(lr_decay_iters, int) or lr_decay_iters <= 0):
+        raise UserError(f"--lr_decay_iters must be a positive integer (or None for max_iters), got {lr_decay_iters!r}")
+    if peak_flops is not None and not (isinstance(peak_flops, (int, float)) and peak_flops > 0):
+        raise UserError(f"--peak_flops must be a positive number of FLOP/s, got {peak_flops!r}")
+    if lora_rank < 0:
+        raise UserError(f"--lora_rank must be positive to train LoRA adapters (0: no LoRA), got {lora_rank}")
+    if lora_rank == 0 and {"lora_alpha", "lora_dropout", "lora_targets"} & set(changed):
+        raise UserError("LoRA settings were given but --lora_rank is 0: set --lora_rank=8 (or another rank > 0)")
+    if lora_rank and init_from == "scratch":
+        raise UserError("LoRA fine-tunes a trained model: give its checkpoint with --init_from=path/to/ckpt.pt")
+
+
+def get_lr(it):
+    """Learning rate of iteration it: linear warmup, then cosine decay to min_lr at lr_decay_iters."""
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    decay_iters = lr_decay_iters or max_iters
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+# ----------------------------------------------------------------------------- data
+
+def data_vocab():
+    """The vocab_size tinystories uses to name the data folder (0 is the Llama 2 tokenizer)."""
+    return 0 if vocab_source == "llama2" else vocab_size
+
+
+def read_data_meta():
+    """meta.json of the data this run trains on, with a clear error when it is missing."""
+    return tinystories.read_meta(data_vocab(), instruct=sft, data_dir=data_dir)
+
+
+def make_batches(split, rank=0):
+    """The (x, y) batch stream of a split: pretraining windows, or instruct examples under --sft."""
+    cls = tinystories.InstructBatches if sft else tinystories.PretrainBatches
+    return cls(split, batch_size, max_seq_len, data_vocab(), seed=seed, rank=rank, data_dir=data_dir)
+
+
+def check_tokenizer(meta, ckpt, path):
+    """Refuse to train a checkpoint on data tokenized with another vocabulary."""
+    if meta["vocab_size"] != vocab_size:
+        raise UserError(f"the data in {tinystories.pretok_dir(data_vocab(), sft, data_dir)} has "
+                        f"{meta['vocab_size']} tokens but the model has {vocab_size}")
+    recorded = (ckpt or {}).get("tokenizer") or {}  # llama2.c's checkpoints record none
+    if recorded.get("vocab_size", meta["vocab_size"]) != meta["vocab_size"]:
+        raise UserError(f"{path} was trained with a {recorded['vocab_size']}-token tokenizer but the data uses "
+                        f"{meta['vocab_size']} tokens")
+    if recorded.get("sha256") and meta.get("tokenizer_sha256") and recorded["sha256"] != meta["tokenizer_sha256"]:
+        raise UserError(f"{path} was trained with tokenizer {recorded.get('path')} but the data was tokenized "
+                        f"with {meta['tokenizer']}, another vocabulary; pretokenize with the checkpoint's tokenizer")
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_model(ckpt, path):
+    """The model to train and, for LoRA runs, the path of its frozen base checkpoint."""
+    if init_from == "scratch":
+        return Transformer(ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                                     vocab_size=vocab_size, multiple_of=multiple_of, max_seq_len=max_seq_len,
+                                     dropout=dropout)), None
+    if init_from == "resume":
+        return model_from_checkpoint(ckpt, path=path), ckpt.get("base_checkpoint")
+    model = model_from_checkpoint(ckpt, merge=True, path=path)
+    if lora_rank:  # adapters on the base exactly as saved, so that its checkpoint can rebuild it
+        apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
+        return model, os.path.abspath(path)
+    if (model.args.dropout, model.args.max_seq_len) != (dropout, max_seq_len):
+        rebuilt = Transformer(dataclasses.replace(model.args, dropout=dropout, max_seq_len=max_seq_len))
+        rebuilt.load_state_dict(model.state_dict())
+        model = rebuilt
+    return model, None
+
+
+def available_memory(device_name, local_world_size):
+    """Bytes this process may still allocate on its device, or None when unknown."""
+    if device_name.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device_name))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+    return kb * 1024 // local_world_size
+
+
+def training_memory(args: ModelArgs, n_params, n_trainable, batch, seq_len, bytes_per_float=4):
+    """Bytes a training step needs (weights, grads, AdamW state, activations), estimated on the low side."""
+    # per token and layer: about 16 dim-wide and 5 hidden-wide tensors are kept for backward; the logits
+    # and their gradient are vocab-wide
+    per_token = args.n_layers * (16 * args.dim + 5 * args.hidden_dim) + 3 * args.vocab_size
+    return (n_params + 3 * n_trainable) * 4 + batch * seq_len * per_token * bytes_per_float
+
+
+def check_memory(model, device_name, local_world_size):
+    """Refuse, before allocating anything, a batch that certainly cannot fit."""
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    need = training_memory(model.args, n_params, n_trainable, batch_size, max_seq_len,
+                           4 if dtype == "float32" else 2)
+    have = available_memory(device_name, local_world_size)
+    if have is not None and need > have:
+        raise UserError(f"batch_size={batch_size} x max_seq_len={max_seq_len} needs about {need / 2**30:.1f} GiB "
+                        f"but {have / 2**30:.1f} GiB is free: {oom_hint()}")
+
+
+def oom_hint():
+    return (f"lower --batch_size (now {batch_size}) and raise --gradient_accumulation_steps to keep the tokens "
+            "per iteration, or lower --max_seq_len")
+
+
+# ----------------------------------------------------------------------------- the shared loop
+
+def train_step(model, optimizer, batches, accum_steps, device="cpu", ctx=nullcontext(), scaler=None,
+               grad_clip=1.0):
+    """One optimizer step over accum_steps micro-batches; returns (mean loss tensor, tokens seen).
+
+    The loss stays a tensor (no sync per micro-step). A DDP model all-reduces on the last micro-step only."""
+    total = torch.zeros((), device=device)
+    tokens = 0
+    for micro in range(accum_steps):
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if isinstance(model, DDP):
+            model.require_backward_grad_sync = micro == accum_steps - 1
+        with ctx:
+            _, loss = model(x, y)
+        loss_part = loss / accum_steps
+        (scaler.scale(loss_part) if scaler is not None else loss_part).backward()
+        total += loss_part.detach()
+        tokens += x.numel()
+    if scaler is not None and grad_clip:
+        scaler.unscale_(optimizer)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, tokens
+
+
+@torch.no_grad()
+def estimate_val_loss(run):
+    """Mean loss over eval_iters val batches; the same batches at every eval, so evals compare."""
+    model = run.model.module if isinstance(run.model, DDP) else run.model
+    model.eval()
+    batches = make_batches("val")
+    losses = torch.zeros(eval_iters)
+    for k in range(eval_iters):
+        x, y = next(batches)
+        with run.ctx:
+            _, loss = model(x.to(run.device), y.to(run.device))
+        losses[k] = loss.detach()
+    model.train()
+    return losses.mean().item()
+
+
+def rng_states(run):
+    """Each process's RNG state (dropout draws from it), gathered so that resume restores all of them."""
+    state = {"torch": torch.get_rng_state()}
+    if run.device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(run.device)
+    if run.world_size == 1:
+        return [state]
+    states = [None] * run.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng(run, states):
+    state = states[run.rank % len(states)]
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and run.device.startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda"], run.device)
+
+
+def checkpoint(run, rng):
+    """The checkpoint dict of the run as it stands (see the contract in the docs)."""
+    lora = None
+    if lora_rank:
+        lora = {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout,
+                "targets": [t.strip() for t in lora_targets.split(",") if t.strip()]}
+    ckpt = {
+        "model": lora_state_dict(run.raw_model) if lora else run.raw_model.state_dict(),
+        "model_args": dataclasses.asdict(run.raw_model.args),
+        "config": current_config(globals()),
+        "mode": run.mode,
+        "iter_num": run.iter_num,
+        "best_val_loss": run.best_val_loss,
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "rng": rng,
+        "data_state": run.batches.state_dict(),
+        "tokenizer": {"path": run.meta["tokenizer"], "vocab_size": run.meta["vocab_size"],
+                      "sha256": run.meta.get("tokenizer_sha256")},
+        "eos": bool(run.meta.get("eos", False)),
+        "lora": lora,
+    }
+    if lora:
+        ckpt["base_checkpoint"] = run.base_checkpoint
+    ckpt.update(run.extra_state())
+    return ckpt
+
+
+def save(run, improved):
+    """Write ckpt.pt (and best.pt when val improved); every process joins, rank 0 writes."""
+    rng = rng_states(run)
+    if not run.master:
+        return
+    ckpt = checkpoint(run, rng)
+    save_checkpoint(ckpt, os.path.join(out_dir, "ckpt.pt"))
+    if improved and not always_save_checkpoint:
+        save_checkpoint(ckpt, os.path.join(out_dir, "best.pt"))
+
+
+def log_metrics(row):
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def train_loop(run, step, evaluate):
+    """Iterate from run.iter_num to max_iters: set the LR, eval and checkpoint, step, log. Shared by all modes."""
+    first = True
+    t_last, iters_since, tokens_since = time.perf_counter(), 0, 0
+    while True:
+        it = run.iter_num
+        lr = get_lr(it)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        at_end = it >= max_iters or eval_only
+        just_resumed = first and run.resumed and not eval_only  # ckpt.pt was written after this eval
+        if at_end and just_resumed:
+            if run.master:
+                print(f"{out_dir}/ckpt.pt is already at iteration {it}: raise --max_iters to train on")
+            return
+        if (it % eval_interval == 0 or at_end) and not just_resumed:
+            improved = False
+            if run.master:
+                val_loss = evaluate(run)
+                improved = val_loss < run.best_val_loss
+                run.best_val_loss = min(run.best_val_loss, val_loss)
+                log_metrics({"iter": it, "val_loss": val_loss})
+                print(f"iter {it}: val loss {val_loss:.4f}" + (" (best)" if improved else ""), flush=True)
+            if (it > 0 or at_end) and not eval_only:
+                save(run, improved)
+            t_last, iters_since, tokens_since = time.perf_counter(), 0, 0
+        if at_end:
+            return
+        first = False
+        loss, tokens = step(run)
+        run.iter_num += 1
+        iters_since, tokens_since = iters_since + 1, tokens_since + tokens * run.world_size
+        if it % log_interval == 0 and run.master:
+            now = time.perf_counter()
+            dt = (now - t_last) / iters_since
+            tokens_per_s = tokens_since / (now - t_last)
+            row = {"iter": it, "loss": loss.item(), "lr": lr, "tokens_per_s": tokens_per_s, "ms_per_iter": dt * 1e3}
+            mfu = run.raw_model.estimate_mfu(tokens_per_s / run.world_size, peak_flops)
+            if mfu is not None:
+                row["mfu"] = mfu
+            log_metrics(row)
+            print(f"iter {it} | loss {row['loss']:.4f} | lr {lr:.2e} | {dt * 1e3:.1f} ms/iter | "
+                  f"{tokens_per_s:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu is not None else ""), flush=True)
+            t_last, iters_since, tokens_since = now, 0, 0
+
+
+def lm_step(run):
+    """Pretraining and SFT: next-token loss on the run's batches (SFT labels are -1 over the prompt)."""
+    return train_step(run.model, run.optimizer, run.batches, run.accum_steps, run.device, run.ctx, run.scaler,
+                      grad_clip)
+
+
+# ----------------------------------------------------------------------------- setup
+
+def setup_distributed():
+    """(rank, local world size, world size, device) of this process; under torchrun joins the process group."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 1, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size, local_world = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if gradient_accumulation_steps % world_size:
+        raise UserError(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
+                        f"{world_size} processes: try --gradient_accumulation_steps={world_size}")
+    dev = device
+    if device.startswith("cuda"):
+        dev = f"cuda:{local_rank}"
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
+    return rank, local_world, world_size, dev
+
+
+def remove_stale_temporaries():
+    """Delete half-written checkpoints left by a killed run (atomic_output names them path.tmpPID)."""
+    for tmp in glob.glob(os.path.join(out_dir, "*.tmp*")):
+        pid = tmp.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            os.remove(tmp)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def start_metrics(run):
+    """A new run starts metrics.jsonl afresh; a resumed one drops rows after its checkpoint."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    rows = []
+    if run.resumed and os.path.isfile(path):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        rows = [r for r in rows if r["iter"] < run.iter_num or ("val_loss" in r and r["iter"] == run.iter_num)]
+    with atomic_output(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def weights_checksum(model):
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def mode_name():
+    """The one place that picks the mode from the flags."""
+    return "sft" if sft else "pretrain"
+
+
+@cli
+def main(argv=None):
+    changed = configure(globals(), argv)
+    ckpt, ckpt_path = resolve_settings(changed)
+    rank, local_world, world_size, dev = setup_distributed()
+    try:
+        return run_training(ckpt, ckpt_path, rank, local_world, world_size, dev)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def run_training(ckpt, ckpt_path, rank, local_world, world_size, dev):
+    mode = mode_name()
+    meta = read_data_meta()
+    check_tokenizer(meta, ckpt, ckpt_path)
+    torch.manual_seed(seed + rank)
+    raw_model, base_checkpoint = build_model(ckpt, ckpt_path)
+    check_memory(raw_model, dev, local_world)
+    raw_model.to(dev)
+    device_type = dev.split(":")[0]
+    if dev.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+    model = torch.compile(raw_model) if compile else raw_model
+    if world_size > 1:
+        # the rope tables never change: no need to broadcast buffers before every forward
+        model = DDP(model, device_ids=[dev] if dev.startswith("cuda") else None, forward_sync_buffers=False,
+                    gradient_as_bucket_view=True)
+    run = Run(mode=mode, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler, ctx=ctx, device=dev,
+              rank=rank, world_size=world_size, accum_steps=gradient_accumulation_steps // world_size,
+              batches=make_batches("train", rank), meta=meta, base_checkpoint=base_checkpoint)
+    if init_from == "resume":
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            run.scaler.load_state_dict(ckpt["scaler"])
+        run.batches.load_state_dict(ckpt["data_state"])
+        run.iter_num, run.best_val_loss, run.resumed = ckpt["iter_num"], ckpt["best_val_loss"], True
+        restore_rng(run, ckpt["rng"])
+    ckpt = None  # free the checkpoint's tensors
+    if run.master:
+        os.makedirs(out_dir, exist_ok=True)
+        remove_stale_temporaries()
+        start_metrics(run)
+        n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        tokens_per_iter = gradient_accumulation_steps * batch_size * max_seq_len
+        print(f"{mode}: {sum(p.numel() for p in raw_model.parameters()):,} parameters ({n_trainable:,} trained), "
+              f"{'resuming at iteration ' + str(run.iter_num) if run.resumed else 'from ' + init_from}; "
+              f"up to {tokens_per_iter:,} tokens per iteration "
+              f"({world_size} x {run.accum_steps} x {batch_size} x {max_seq_len}) on {dev}", flush=True)
+    step, evaluate = lm_step, estimate_val_loss  # pretrain and sft differ only in their batches
+    try:
+        train_loop(run, step, evaluate)
+    except torch.OutOfMemoryError:
+        raise UserError(f"out of memory: {oom_hint()}") from None
+    except RuntimeError as e:
+        if "can't allocate memory" in str(e) or "out of memory" in str(e):
+            raise UserError(f"out of memory: {oom_hint()}") from None
+        raise
+    if print_checksum:
+        print(f"rank {rank} weights {weights_checksum(raw_model)}", flush=True)
+    return run
+
+
+if __name__ == "__main__":
+    main()

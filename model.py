@@ -84,6 +84,26 @@ def apply_rope(x, freqs):
     return torch.view_as_real(xc * freqs.unsqueeze(-2)).flatten(-2).type_as(x)
 
 
+QUERY_BLOCK = 128  # query rows per block in causal_attention's small-head path
+
+
+def causal_attention(q, k, v, dropout_p=0.0, enable_gqa=False):
+    """Causal scaled_dot_product_attention of q (B, H, T, D) over k, v (B, Hkv, T, D).
+
+    With small heads on the CPU, the flash kernel's cost is per score and it computes the whole 512-key block
+    under the diagonal too; queries taken in blocks against only the keys they can see skip that work."""
+    T, head_dim = q.shape[2], q.shape[3]
+    if q.device.type != "cpu" or head_dim > 16 or T < 2 * QUERY_BLOCK:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=enable_gqa)
+    blocks = []
+    for s in range(0, T, QUERY_BLOCK):
+        e = min(s + QUERY_BLOCK, T)
+        visible = torch.ones(e - s, e, dtype=torch.bool, device=q.device).tril(s)
+        blocks.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], attn_mask=visible,
+                                                     dropout_p=dropout_p, enable_gqa=enable_gqa))
+    return torch.cat(blocks, dim=2)
+
+
 class KVCache:
     """Preallocated keys and values of every layer, so a decode step never copies the prefix."""
 
@@ -116,11 +136,14 @@ class Attention(nn.Module):
             cache.v[layer][:, :, start:start + T] = v
             k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
         gqa = self.n_kv_heads != self.n_heads
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
-                                               dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
-        else:
+        if mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif T == 1:  # one new token sees the whole cache
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        else:
+            if start:
+                raise ValueError("a multi-token step after the prefill needs an explicit mask")
+            y = causal_attention(q, k, v, self.dropout if self.training else 0.0, gqa)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.wo(y))
 

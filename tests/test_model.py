@@ -284,3 +284,18 @@ def test_adapter_only_lora_checkpoint_loads_its_base(tmp_path):
     os.remove(base_path)
     with pytest.raises(UserError, match="base .* is missing"):
         load_model(lora_path)
+
+
+@pytest.mark.parametrize("T, head_dim", [(300, 8), (64, 8), (300, 32)])
+def test_causal_attention_equals_sdpa_causal(T, head_dim):
+    from model import causal_attention
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, T, head_dim, requires_grad=True)
+    k = torch.randn(2, 2, T, head_dim, requires_grad=True)
+    v = torch.randn(2, 2, T, head_dim, requires_grad=True)
+    ours = causal_attention(q, k, v, enable_gqa=True)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    g_ours = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g_ours, g_ref))

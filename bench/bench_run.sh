@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# run.c speed: tokens/s of `make runomp` with 2 OpenMP threads, -n 256, on random-weight models of llama2.c's
+# 15M shape (dim 288, 6 layers, vocab 32000, seq 256) and 110M shape (dim 768, 12 layers, seq 1024), and the
+# 110M rates as a share of this machine's 2-thread read bandwidth (batch-1 decoding reads every weight once per
+# token). Configurations run interleaved, REPS rounds; the figures are medians.
+#
+#   bench/bench_run.sh [REPS]          # default 5; models are made once in $BENCH_DIR (default out-bench)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPS=${1:-5}
+DIR=${BENCH_DIR:-out-bench}
+PY=${PYTHON:-.venv/bin/python}
+export OMP_NUM_THREADS=2
+
+"$PY" bench/bench_models.py "$DIR"
+make -s runomp RUN_OUT="$DIR/runomp"
+${CC:-gcc} -O3 -march=native -fopenmp -Wall -Wextra -o "$DIR/bandwidth" bench/bandwidth.c
+
+# name | model file | sampling flags | llama2.c runomp on this machine | target
+CONFIGS=(
+  "15M fp32, -t 1.0 -p 0.9|15M_v1.bin|-t 1.0 -p 0.9|175|600"
+  "15M fp32, -t 1.0 -p 1.0|15M_v1.bin|-t 1.0 -p 1.0|642|800"
+  "110M fp32, -t 1.0 -p 0.9|110M_v1.bin|-t 1.0 -p 0.9|47|47"
+  "110M int8, -t 1.0 -p 0.9|110M_v2.bin|-t 1.0 -p 0.9|67|130"
+)
+RESULTS=$(mktemp)
+trap 'rm -f "$RESULTS"' EXIT
+for ((rep = 1; rep <= REPS; rep++)); do
+  for i in "${!CONFIGS[@]}"; do
+    IFS='|' read -r name file flags _ _ <<<"${CONFIGS[$i]}"
+    # shellcheck disable=SC2086
+    rate=$("$DIR/runomp" "$DIR/$file" -z "$DIR/tok32000.bin" -n 256 -s 42 $flags 2>&1 >/dev/null |
+           sed -n 's/^achieved tok\/s: //p')
+    echo "$i $rate" >>"$RESULTS"
+  done
+  bw=$("$DIR/bandwidth" 1024 5 | sed -n 's/.*best \([0-9.]*\) GB\/s.*/\1/p')
+  echo "bw $bw" >>"$RESULTS"
+  echo "round $rep/$REPS done" >&2
+done
+
+median() { grep "^$1 " "$RESULTS" | awk '{print $2}' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+BW=$(median bw)
+echo
+echo "run.c (make runomp, OMP_NUM_THREADS=2, -n 256), median of $REPS interleaved rounds"
+printf "%-28s %10s %12s %8s %18s\n" "model, sampler" "tok/s" "llama2.c" "target" "share of bandwidth"
+for i in "${!CONFIGS[@]}"; do
+  IFS='|' read -r name file flags ref target <<<"${CONFIGS[$i]}"
+  rate=$(median "$i")
+  bytes=$(($(stat -c %s "$DIR/$file") - 256))
+  share=$(awk -v r="$rate" -v b="$bytes" -v bw="$BW" 'BEGIN {printf "%.0f%%", 100 * r * b / 1e9 / bw}')
+  printf "%-28s %10.1f %12s %8s %18s\n" "$name" "$rate" "$ref" "$target" "$share"
+done
+echo "read bandwidth with 2 threads (best pass, median of rounds): $BW GB/s"
+echo "share = tok/s x bytes of weights / bandwidth; the 15M weights (61 MB) partly fit in the 32 MB L3 cache"

@@ -1,0 +1,300 @@
+"""Write a checkpoint as the .bin file that run.c reads.
+
+    python export.py out260K/model.bin --checkpoint=out260K/ckpt.pt               # version 0 (llama2.c legacy)
+    python export.py out260K/model_q80.bin --checkpoint=out260K/ckpt.pt --version=2
+
+Any checkpoint train.py writes: pretrained, SFT, LoRA (merged on the way out), PPO (the value head is not
+exported), reward model (only its transformer), and llama2.c's own.
+
+- version 0: llama2.c's legacy file: seven int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size,
+  max_seq_len; a negative vocab_size means an unshared classifier), then fp32 weights.
+- version 1: a 256-byte header (uint32 magic 0x616b3432, int32 version, the seven int32, uint8 shared
+  classifier), then fp32 weights, norms first.
+- version 2: as 1 with an int32 group size at byte 37; norms in fp32, every matrix in Q8_0: int8 values, then
+  one fp32 scale per group of group_size consecutive values. Groups never straddle rows (llama2.c's runq
+  assumes so), so the group size divides both dim and hidden_dim.
+Versions 1 and 2 use spare header bytes that llama2.c ignores: uint32 flags at byte 64 (1: the model was
+trained with EOS, 2: the tokenizer drops leading, trailing and repeated spaces, 4: it adds no dummy prefix
+space) and float32 norm_eps at byte 68.
+"""
+import os
+import struct
+import sys
+
+import numpy as np
+import torch
+
+from configurator import UserError, atomic_output, cli, configure
+from model import load_model
+from tokenizer import Tokenizer
+
+checkpoint = ""  # the ckpt.pt to export
+version = 0  # 0, 1 or 2, as above
+group_size = 0  # version 2: values per scale; 0 = the largest power of two <= 64 dividing every row
+tokenizer = ""  # the .model whose space handling run.c must follow; default: the one the checkpoint names
+
+MAGIC = 0x616B3432
+FLAG_EOS, FLAG_STRIP_SPACES, FLAG_NO_DUMMY_PREFIX = 1, 2, 4
+MATRICES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+            "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+
+def _f32(t):
+    return t.detach().to(device="cpu", dtype=torch.float32).numpy()
+
+
+def per_layer(model, name):
+    """One array (n_layers, ...) of parameter name ("attention.wq.weight") of every layer."""
+    return np.stack([_f32(layer.get_parameter(name)) for layer in model.layers])
+
+
+def shares_classifier(model):
+    return torch.equal(model.output.weight, model.tok_embeddings.weight)
+
+
+def shape_ints(model):
+    a = model.args
+    return [a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.max_seq_len]
+
+
+def header_v1(model, file_version, flags, group=0):
+    """The 256-byte header of versions 1 and 2."""
+    header = bytearray(256)
+    struct.pack_into("<Ii7iB", header, 0, MAGIC, file_version, *shape_ints(model), int(shares_classifier(model)))
+    if file_version == 2:
+        struct.pack_into("<i", header, 37, group)
+    struct.pack_into("<If", header, 64, flags, model.args.norm_eps)
+    return bytes(header)
+
+
+def write_v0(path, model, flags):
+    """llama2.c's legacy layout; it has no room for flags, so run.c assumes llama2.c's behaviour."""
+    if not np.isclose(model.args.norm_eps, 1e-5, rtol=0, atol=1e-12):
+        raise UserError(f"version 0 cannot record norm_eps={model.args.norm_eps} (run.c would use 1e-5); "
+                        "export with --version=1")
+    shared = shares_classifier(model)
+    ints = shape_ints(model)
+    if not shared:
+        ints[5] = -ints[5]
+    parts = [np.array(ints, dtype=np.int32), _f32(model.tok_embeddings.weight),
+             per_layer(model, "attention_norm.weight"),
+             *[per_layer(model, f"{m}.weight") for m in MATRICES[:4]],
+             per_layer(model, "ffn_norm.weight"),
+             *[per_layer(model, f"{m}.weight") for m in MATRICES[4:]],
+             _f32(model.norm.weight), _f32(model.rope_cos), _f32(model.rope_sin)]
+    if not shared:
+        parts.append(_f32(model.output.weight))
+    _write(path, parts)
+
+
+def write_v1(path, model, flags):
+    parts = [header_v1(model, 1, flags), per_layer(model, "attention_norm.weight"),
+             per_layer(model, "ffn_norm.weight"), _f32(model.norm.weight), _f32(model.tok_embeddings.weight),
+             *[per_layer(model, f"{m}.weight") for m in MATRICES]]
+    if not shares_classifier(model):
+        parts.append(_f32(model.output.weight))
+    _write(path, parts)
+
+
+def pick_group_size(args, requested=0):
+    """Values per Q8_0 scale: requested, or the largest power of two <= 64 dividing every row length."""
+    rows = (args.dim, args.hidden_dim)  # every matrix's rows are dim or hidden_dim long
+    if requested:
+        if requested <= 0 or any(n % requested for n in rows):
+            raise UserError(f"--group_size={requested} must divide dim={args.dim} and hidden_dim={args.hidden_dim}")
+        return requested
+    size = 64
+    while any(n % size for n in rows):
+        size //= 2
+    return size
+
+
+def quantize_q80(w, group):
+    """Symmetric int8 in groups of `group` consecutive values along the last axis: w ~= q * scale.
+
+    Returns q (int8, shape of w) and scale (float32, w.shape[:-1] + (w.shape[-1] // group,))."""
+    groups = w.reshape(-1, group)
+    scale = (np.abs(groups).max(axis=1) / 127.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.round(groups / safe[:, None]), -127, 127).astype(np.int8)
+    return q.reshape(w.shape), scale.reshape(w.shape[:-1] + (-1,))
+
+
+def dequantize_q80(q, scale):
+    group = q.shape[-1] // scale.shape[-1]
+    return (q.reshape(-1, group).astype(np.float32) * scale.reshape(-1, 1)).reshape(q.shape)
+
+
+def write_v2(path, model, flags, group=0):
+    group = pick_group_size(model.args, group)
+    parts = [header_v1(model, 2, flags, group), per_layer(model, "attention_norm.weight"),
+             per_layer(model, "ffn_norm.weight"), _f32(model.norm.weight)]
+    matrices = [_f32(model.tok_embeddings.weight)[None]] + [per_layer(model, f"{m}.weight") for m in MATRICES]
+    if not shares_classifier(model):
+        matrices.append(_f32(model.output.weight)[None])
+    max_err = 0.0
+    for stack in matrices:  # llama2.c's order: each tensor's int8 values, then its scales, layer by layer
+        q, scale = quantize_q80(stack, group)
+        max_err = max(max_err, float(np.abs(dequantize_q80(q, scale) - stack).max()))
+        for layer in range(stack.shape[0]):
+            parts += [q[layer], scale[layer]]
+    _write(path, parts)
+    print(f"Q8_0 with group size {group}: largest weight error {max_err:.2e}")
+
+
+def _write(path, parts):
+    """Arrays and bytes, back to back, to a temporary file renamed to path once complete."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with atomic_output(path) as f:
+        for part in parts:
+            f.write(part if isinstance(part, bytes) else np.ascontiguousarray(part).data)
+
+
+WRITERS = {0: write_v0, 1: write_v1, 2: write_v2}  # a new format is one more function taking (path, model, flags)
+
+
+def read_bin(path):
+    """The model in a .bin of any version (ours or llama2.c's) as a Transformer with fp32 weights, Q8_0 ones
+    dequantised, and the header's extras {"version", "flags", "group_size", "shared_classifier"}."""
+    from model import ModelArgs, Transformer
+    data = np.fromfile(path, dtype=np.uint8)
+    if len(data) < 28:
+        raise UserError(f"{path} is too small to be a model .bin")
+    file_version, flags, group, norm_eps = 0, 0, 0, 1e-5
+    if int(data[:4].view(np.uint32)[0]) == MAGIC:
+        file_version = int(data[4:8].view(np.int32)[0])
+        ints = data[8:36].view(np.int32).tolist()
+        shared = bool(data[36])
+        group = int(data[37:41].copy().view(np.int32)[0]) if file_version == 2 else 0
+        flags = int(data[64:68].view(np.uint32)[0])
+        norm_eps = float(data[68:72].view(np.float32)[0]) or 1e-5
+        offset = 256
+    else:
+        ints = data[:28].view(np.int32).tolist()
+        shared, ints[5] = ints[5] > 0, abs(ints[5])
+        offset = 28
+    dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = ints
+    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab,
+                     hidden_dim=hidden, max_seq_len=seq_len, norm_eps=norm_eps)
+    kv = n_kv_heads * (dim // n_heads)
+    shapes = {"attention.wq": (dim, dim), "attention.wk": (kv, dim), "attention.wv": (kv, dim),
+              "attention.wo": (dim, dim), "feed_forward.w1": (hidden, dim), "feed_forward.w2": (dim, hidden),
+              "feed_forward.w3": (hidden, dim)}
+
+    def take(count, dtype=np.float32):
+        nonlocal offset
+        nbytes = count * np.dtype(dtype).itemsize
+        if offset + nbytes > len(data):
+            raise UserError(f"{path} is shorter than its header says ({len(data)} bytes)")
+        out = data[offset:offset + nbytes].copy().view(dtype)
+        offset += nbytes
+        return out
+
+    def matrix(shape, layers=1):  # groups of a Q8_0 tensor may run across rows, as llama2.c writes them
+        if file_version != 2:
+            return take(layers * shape[0] * shape[1]).reshape(layers, *shape)
+        out = []
+        for _ in range(layers):
+            q = take(shape[0] * shape[1], np.int8).astype(np.float32)
+            out.append((q.reshape(-1, group) * take(q.size // group)[:, None]).reshape(shape))
+        return np.stack(out)
+
+    w = {}
+    if file_version == 0:
+        w["tok_embeddings"] = matrix((vocab, dim))[0]
+        w["attention_norm"] = take(n_layers * dim).reshape(n_layers, dim)
+        for name in MATRICES[:4]:
+            w[name] = matrix(shapes[name], n_layers)
+        w["ffn_norm"] = take(n_layers * dim).reshape(n_layers, dim)
+        for name in MATRICES[4:]:
+            w[name] = matrix(shapes[name], n_layers)
+        w["norm"] = take(dim)
+        take(seq_len * (dim // n_heads))  # llama2.c's RoPE tables
+    else:
+        w["attention_norm"] = take(n_layers * dim).reshape(n_layers, dim)
+        w["ffn_norm"] = take(n_layers * dim).reshape(n_layers, dim)
+        w["norm"] = take(dim)
+        w["tok_embeddings"] = matrix((vocab, dim))[0]
+        for name in MATRICES:
+            w[name] = matrix(shapes[name], n_layers)
+    w["output"] = w["tok_embeddings"] if shared else matrix((vocab, dim))[0]
+    if offset != len(data):
+        raise UserError(f"{path} has {len(data)} bytes but its header describes {offset}")
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        model.tok_embeddings.weight.copy_(torch.from_numpy(w["tok_embeddings"]))
+        if not shared:
+            model.output.weight = torch.nn.Parameter(torch.from_numpy(w["output"]))
+        model.norm.weight.copy_(torch.from_numpy(w["norm"]))
+        for i, layer in enumerate(model.layers):
+            for name in ("attention_norm", "ffn_norm", *MATRICES):
+                layer.get_parameter(f"{name}.weight").copy_(torch.from_numpy(w[name][i]))
+    return model, {"version": file_version, "flags": flags, "group_size": group, "shared_classifier": shared}
+
+
+def tokenizer_flags(tok):
+    """The header bits saying how the tokenizer treats spaces, which run.c's encoder must copy."""
+    flags = 0
+    if tok.sp.normalize("a  b") == tok.sp.normalize("a b"):
+        flags |= FLAG_STRIP_SPACES
+    if not tok.sp.normalize("a").startswith("\u2581"):
+        flags |= FLAG_NO_DUMMY_PREFIX
+    return flags
+
+
+def export(model, path, file_version=0, eos=False, tok=None, group=0):
+    """Write model (a merged Transformer) to path in file_version; tok supplies the tokenizer flags."""
+    if file_version not in WRITERS:
+        raise UserError(f"--version must be one of {sorted(WRITERS)}, got {file_version}")
+    flags = (FLAG_EOS if eos else 0) | (tokenizer_flags(tok) if tok is not None else 0)
+    model = model.float().eval()
+    if file_version == 2:
+        write_v2(path, model, flags, group)
+    else:
+        WRITERS[file_version](path, model, flags)
+    return flags
+
+
+def checkpoint_tokenizer(ckpt, path_override, vocab_size):
+    """The checkpoint's tokenizer (or path_override), checked against the model; None if it is not around."""
+    path = path_override or (ckpt.get("tokenizer") or {}).get("path")
+    if not path:
+        return None
+    if not os.path.isfile(path) and not path_override:
+        return None
+    tok = Tokenizer(path)
+    tok.check_vocab(vocab_size, "the checkpoint's model")
+    return tok
+
+
+@cli
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    outs = [a for a in argv if not a.startswith("--") and not a.endswith(".py")]
+    if len(outs) != 1:
+        raise UserError("say where to write, once: python export.py OUT.bin --checkpoint=PATH [--version=0|1|2]")
+    out = outs[0]
+    argv.remove(out)
+    configure(globals(), argv)
+    if not checkpoint:
+        raise UserError("say which checkpoint to export: --checkpoint=out/ckpt.pt")
+    if version not in WRITERS:
+        raise UserError(f"--version must be one of {sorted(WRITERS)}, got {version}")
+    model, ckpt = load_model(checkpoint, merge=True)
+    tok = checkpoint_tokenizer(ckpt, tokenizer, model.args.vocab_size)
+    if tok is None:
+        print("note: the checkpoint's tokenizer is not available; run.c will encode prompts as llama2.c does "
+              "(pass --tokenizer=PATH.model to record its space handling)", file=sys.stderr)
+    flags = export(model, out, version, bool(ckpt.get("eos")), tok, group_size)
+    if version == 0 and flags & (FLAG_STRIP_SPACES | FLAG_NO_DUMMY_PREFIX):
+        print("note: version 0 cannot record how the tokenizer treats spaces, so run.c will keep repeated spaces "
+              "in prompts; --version=1 or 2 records it", file=sys.stderr)
+    mode = ckpt.get("mode", "pretrain")
+    dropped = {"ppo": " (value head not exported)", "reward_model": " (reward head not exported)"}.get(mode, "")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out}: version {version}, {mode} model{dropped}, {n_params / 1e6:.2f}M parameters, "
+          f"{os.path.getsize(out) / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Sample text from a checkpoint in PyTorch, with the model's KV-cache generate.
+
+    python sample.py --checkpoint=out260K/ckpt.pt --start="Once upon a time" --num_samples=3
+    python sample.py --checkpoint=out-sft/ckpt.pt --instruct=True --start="Write a story about a dog."
+    python sample.py --checkpoint=out260K/ckpt.pt --start=FILE:prompt.txt --temperature=0
+
+Any checkpoint train.py writes (LoRA adapters are merged, a PPO value head is ignored). A sample ends at EOS
+(or BOS: a new story) or after max_new_tokens. With --instruct the start is the instruction, wrapped in the
+instruct layout, and only the story is printed.
+"""
+import os
+from contextlib import nullcontext
+
+import torch
+
+from configurator import UserError, cli, configure
+from model import load_model
+from tokenizer import Tokenizer, instruct_prompt
+
+checkpoint = ""  # the ckpt.pt to sample from
+tokenizer = ""  # the sentencepiece .model; default: the one recorded in the checkpoint
+start = "Once upon a time"  # the prompt, or FILE:path to read it from a file
+instruct = False  # treat start as an instruction and print only the story
+num_samples = 1
+max_new_tokens = 256
+temperature = 1.0  # 0.0 = greedy
+top_k = 0  # keep only the k most likely tokens; 0 = off
+top_p = 0.9  # nucleus sampling; 1.0 = off
+seed = 1337
+device = "cpu"  # cpu | cuda | mps
+dtype = "float32"  # float32 | bfloat16 | float16 (autocast)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(ckpt, path_override, vocab_size):
+    """The checkpoint's tokenizer (or path_override), refused when its vocabulary is not the model's."""
+    path = path_override or (ckpt.get("tokenizer") or {}).get("path")
+    if not path:
+        raise UserError("the checkpoint records no tokenizer (a llama2.c checkpoint?): pass --tokenizer=PATH.model")
+    tok = Tokenizer(path)
+    tok.check_vocab(vocab_size, f"the model of {checkpoint or 'the checkpoint'}")
+    return tok
+
+
+def prompt_text(start_arg):
+    """The start text, read from a file for FILE:path."""
+    if not start_arg.startswith("FILE:"):
+        return start_arg
+    path = start_arg[len("FILE:"):]
+    if not os.path.isfile(path):
+        raise UserError(f"--start=FILE:{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def sample(model, tok, text, as_instruction=False, n=1, new_tokens=256, temp=1.0, k=0, p=0.9, rng_seed=1337,
+           ctx=nullcontext()):
+    """Decoded samples of text's continuation (of the story only, for an instruction), ended at BOS or EOS."""
+    prompt = instruct_prompt(tok, text) if as_instruction else tok.encode(text, bos=True)
+    stops = (tok.bos_id, tok.eos_id)
+    with ctx:
+        rows = model.generate([prompt] * n, new_tokens, temperature=temp, top_k=k or None,
+                              top_p=p if 0.0 < p < 1.0 else None, stop_tokens=stops, seed=rng_seed)
+    texts = []
+    for row in rows:
+        row = row[:-1] if row and row[-1] in stops else row
+        texts.append(tok.decode(row) if as_instruction else tok.decode(prompt + row))
+    return texts
+
+
+def pick_device(name):
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={name} but CUDA is not available; use --device=cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device=mps but MPS is not available; use --device=cpu")
+    if not name.startswith(("cpu", "cuda", "mps")):
+        raise UserError(f"--device must be cpu, cuda[:N] or mps, got {name!r}")
+    return name
+
+
+@cli
+def main(argv=None):
+    configure(globals(), argv)
+    if not checkpoint:
+        raise UserError("say which checkpoint to sample: --checkpoint=out/ckpt.pt")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    for name, value, ok in (("num_samples", num_samples, num_samples >= 1),
+                            ("max_new_tokens", max_new_tokens, max_new_tokens >= 1),
+                            ("temperature", temperature, temperature >= 0.0), ("top_k", top_k, top_k >= 0),
+                            ("top_p", top_p, 0.0 <= top_p <= 1.0)):
+        if not ok:
+            raise UserError(f"--{name}={value} is out of range")
+    dev = pick_device(device)
+    model, ckpt = load_model(checkpoint, merge=True)
+    model = model.to(dev).eval()
+    tok = load_tokenizer(ckpt, tokenizer, model.args.vocab_size)
+    text = prompt_text(start)
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(dev.split(":")[0], dtype=DTYPES[dtype])
+    for i, out in enumerate(sample(model, tok, text, instruct, num_samples, max_new_tokens, temperature, top_k,
+                                   top_p, seed, ctx)):
+        print(out)
+        if i + 1 < num_samples:
+            print("---------------")
+
+
+if __name__ == "__main__":
+    main()

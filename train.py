@@ -5,6 +5,8 @@
     python train.py --sft=True --init_from=out260K/ckpt.pt --out_dir=out260K-sft    # full SFT
     python train.py --sft=True --init_from=out260K/ckpt.pt --lora_rank=8 --out_dir=out-lora  # LoRA SFT
     python train.py --init_from=resume --out_dir=out260K                            # continue any run
+    python train.py --ppo=True --init_from=out260K/ckpt.pt --reward=length --target_len=200 --out_dir=out-ppo
+    python train.py --reward_model=True --preferences=data/prefs.jsonl --init_from=out-sft/ckpt.pt --out_dir=out-rm
     torchrun --standalone --nproc_per_node=2 train.py --gradient_accumulation_steps=2 ...   # DDP
 
 In out_dir: ckpt.pt is the latest state, written at every eval and at the end of training, and is what
@@ -13,6 +15,13 @@ the checkpoint with the lowest val loss so far, unless always_save_checkpoint=Tr
 kept). metrics.jsonl gets one JSON row per log_interval ({"iter", "loss", "lr", "tokens_per_s", ...}) and one
 per eval ({"iter", "val_loss"}). A resumed run keeps the settings of its checkpoint; settings given on its
 command line (say a larger --max_iters) override them.
+
+RLHF (ppo.py has the pieces): --ppo=True fine-tunes a checkpoint by PPO against --reward; each iteration rolls
+out `rollouts` stories, and batch_size is its minibatch. Its checkpoints add the value head, the KL coefficient
+and the reference model (path and weights checksum: resuming refuses a reference file that changed); its evals
+report the score on held-out prompts (val_loss is minus that score). --reward_model=True trains a scalar head
+and the transformer on --preferences with the Bradley-Terry loss; its evals report held-out accuracy. A fresh
+run of either mode starts from MODE_DEFAULTS' settings (the PPO fork's for PPO) unless given otherwise.
 """
 import dataclasses
 import glob
@@ -28,10 +37,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import ppo as rlhf
 import tinystories
 from configurator import UserError, atomic_output, cli, configure, current_config
 from model import ModelArgs, Transformer, apply_lora, lora_state_dict, model_from_checkpoint, read_checkpoint, \
     save_checkpoint
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -51,6 +62,8 @@ max_seq_len = 256
 seed = 1337
 # mode
 sft = False  # train on the instruct shards; the loss counts story tokens only
+ppo = False  # RLHF: PPO from --init_from against --reward
+reward_model = False  # train a reward model on --preferences, from --init_from
 # model (taken from the checkpoint when fine-tuning or resuming)
 dim = 64
 n_layers = 5
@@ -75,6 +88,28 @@ decay_lr = True  # linear warmup, then cosine decay to min_lr at lr_decay_iters
 warmup_iters = 100
 lr_decay_iters = None  # None: max_iters
 min_lr = 0.0
+# PPO (ppo.py) and the reward model
+reward = "length"  # PPO: terms joined by +, with weights: length, words, model:PATH (e.g. length+0.5*words)
+prompts = "auto"  # PPO: plain (story starts) | instruct (instructions) | auto: instruct after SFT, else plain
+start_len = 30  # plain prompts: BOS + 1..start_len tokens of a story
+target_len = 200  # the length reward's goal for len(query + response)
+max_new_tokens = 300
+rollouts = 400  # stories per PPO iteration; batch_size is the minibatch
+ppo_epochs = 4
+init_kl_coef = 0.2
+kl_control = "adaptive"  # adaptive (Ziegler et al.: toward kl_target over kl_horizon rollouts) | fixed
+kl_target = 6.0  # KL to the reference, summed over a response
+kl_horizon = 10000
+kl_estimator = "k1"  # k1: log p/q per sampled token | k3: (q/p - 1) - log q/p, never negative
+gamma = 1.0
+lam = 0.95
+cliprange = 0.2
+cliprange_value = 0.2
+vf_coef = 0.1
+max_policy_kl = 0.3  # end an iteration's epochs when an epoch's policy KL exceeds this (the fork: 1.5 x 0.2)
+group_by_length = True  # PPO minibatches of rollouts of similar length, in shuffled order: less padding
+preferences = ""  # reward model: the JSONL file of {prompt, chosen, rejected}
+val_fraction = 0.1  # reward model: share of the pairs held out
 # system
 device = "cpu"  # cpu | cuda | cuda:1 | mps
 dtype = "float32"  # float32 | bfloat16 | float16 (autocast; float16 adds a GradScaler)
@@ -85,7 +120,14 @@ print_checksum = False  # debug: every process prints a hash of its weights at t
 
 MODEL_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len", "vocab_size")
 FIXED_ON_RESUME = MODEL_KEYS + ("vocab_source", "dropout", "sft", "lora_rank", "lora_alpha", "lora_dropout",
-                                "lora_targets")
+                                "lora_targets", "ppo", "reward_model", "prompts", "reward", "preferences",
+                                "val_fraction")
+MODE_DEFAULTS = {  # a fresh run of these modes starts from these settings, unless given
+    "ppo": {"batch_size": 50, "learning_rate": 1e-4, "weight_decay": 0.01, "beta2": 0.99, "decay_lr": False,
+            "max_iters": 100, "eval_interval": 20, "eval_iters": 4, "log_interval": 1},
+    "reward_model": {"batch_size": 32, "learning_rate": 3e-4, "weight_decay": 0.01, "max_iters": 1000,
+                     "warmup_iters": 50, "eval_interval": 100},
+}
 LLAMA2_VOCAB = 32000
 
 
@@ -109,6 +151,7 @@ class Run:
     best_val_loss: float = float("inf")
     resumed: bool = False
     extra_state: Callable[[], dict] = dict  # a mode's further checkpoint entries (e.g. a value head)
+    head: Optional[torch.nn.Module] = None  # PPO's value head or the reward model's head
 
     @property
     def master(self):
@@ -162,8 +205,25 @@ def resolve_settings(changed):
                 "vocab_source", "llama2" if args.vocab_size == LLAMA2_VOCAB else "custom")
     elif vocab_source == "llama2" and "vocab_size" not in changed:
         g["vocab_size"] = LLAMA2_VOCAB
+    if init_from != "resume":
+        start_mode(changed, ckpt)
     check_settings(changed)
     return ckpt, path
+
+
+def start_mode(changed, ckpt):
+    """A fresh run's mode settings: MODE_DEFAULTS unless given, and the prompts that suit the checkpoint."""
+    mode = mode_name()
+    g = globals()
+    for k, v in MODE_DEFAULTS.get(mode, {}).items():
+        if k not in changed:
+            g[k] = v
+    if mode in ("ppo", "reward_model"):
+        if init_from == "scratch":
+            raise UserError(f"--{mode}=True starts from a trained model: give its checkpoint with "
+                            "--init_from=path/to/ckpt.pt")
+        if prompts == "auto":
+            g["prompts"] = rlhf.default_prompts(ckpt)
 
 
 def check_settings(changed):
@@ -191,6 +251,30 @@ def check_settings(changed):
         raise UserError("LoRA settings were given but --lora_rank is 0: set --lora_rank=8 (or another rank > 0)")
     if lora_rank and init_from == "scratch":
         raise UserError("LoRA fine-tunes a trained model: give its checkpoint with --init_from=path/to/ckpt.pt")
+    mode = mode_name()
+    if mode == "ppo":
+        check_ppo_settings()
+    if mode == "reward_model" and not preferences:
+        raise UserError("say which preferences to learn: --preferences=data/prefs.jsonl (write it with "
+                        "python ppo.py label)")
+
+
+def check_ppo_settings():
+    rlhf.parse_reward(reward)
+    if prompts not in ("plain", "instruct"):
+        raise UserError(f"--prompts must be plain, instruct or auto, got {prompts!r}")
+    if kl_control not in ("adaptive", "fixed"):
+        raise UserError(f"--kl_control must be adaptive or fixed, got {kl_control!r}")
+    if kl_estimator not in ("k1", "k3"):
+        raise UserError(f"--kl_estimator must be k1 or k3, got {kl_estimator!r}")
+    for k in ("rollouts", "ppo_epochs", "max_new_tokens", "start_len", "kl_horizon"):
+        if globals()[k] <= 0:
+            raise UserError(f"--{k} must be positive, got {globals()[k]}")
+    if kl_control == "adaptive" and kl_target <= 0:
+        raise UserError(f"--kl_target must be positive for adaptive KL control, got {kl_target}")
+    if init_kl_coef < 0 or cliprange <= 0 or cliprange_value <= 0 or vf_coef < 0 or max_policy_kl < 0:
+        raise UserError("--init_kl_coef, --vf_coef and --max_policy_kl must not be negative, --cliprange and "
+                        "--cliprange_value must be positive")
 
 
 def get_lr(it):
@@ -213,13 +297,33 @@ def data_vocab():
     return 0 if vocab_source == "llama2" else vocab_size
 
 
-def read_data_meta():
-    """meta.json of the data this run trains on, with a clear error when it is missing."""
-    return tinystories.read_meta(data_vocab(), instruct=sft, data_dir=data_dir)
+def uses_instruct_data():
+    return sft or (ppo and prompts == "instruct")
 
 
-def make_batches(split, rank=0):
-    """The (x, y) batch stream of a split: pretraining windows, or instruct examples under --sft."""
+def read_data_meta(ckpt=None):
+    """meta.json of the data this run trains on, with a clear error when it is missing. A reward model learns
+    from a preference file: its "meta" is the tokenizer record of its checkpoint."""
+    if reward_model:
+        recorded = (ckpt or {}).get("tokenizer") or {}
+        if not recorded.get("path"):
+            raise UserError(f"{init_from} records no tokenizer, which the preference file needs; train the model "
+                            "with this train.py")
+        return {"tokenizer": recorded["path"], "vocab_size": recorded["vocab_size"],
+                "tokenizer_sha256": recorded.get("sha256"), "eos": bool(ckpt.get("eos", False))}
+    return tinystories.read_meta(data_vocab(), instruct=uses_instruct_data(), data_dir=data_dir)
+
+
+def make_batches(split, rank=0, meta=None):
+    """The batch stream of a split: pretraining windows, instruct examples under --sft, rollout prompts under
+    --ppo, preference pairs under --reward_model (meta: read_data_meta's)."""
+    if ppo:  # one batch of val prompts serves every eval
+        return rlhf.PromptStream(prompts, split, rollouts if split == "train" else eval_iters * batch_size,
+                                 data_vocab(), start_len, seed=seed, rank=rank, data_dir=data_dir)
+    if reward_model:
+        pairs = rlhf.read_preferences(preferences, Tokenizer(meta["tokenizer"]), max_seq_len)
+        train_pairs, val_pairs = rlhf.split_pairs(pairs, val_fraction, preferences)
+        return rlhf.PreferenceBatches(train_pairs if split == "train" else val_pairs, batch_size, seed, rank)
     cls = tinystories.InstructBatches if sft else tinystories.PretrainBatches
     return cls(split, batch_size, max_seq_len, data_vocab(), seed=seed, rank=rank, data_dir=data_dir)
 
@@ -252,11 +356,27 @@ def build_model(ckpt, path):
     if lora_rank:  # adapters on the base exactly as saved, so that its checkpoint can rebuild it
         apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
         return model, os.path.abspath(path)
-    if (model.args.dropout, model.args.max_seq_len) != (dropout, max_seq_len):
-        rebuilt = Transformer(dataclasses.replace(model.args, dropout=dropout, max_seq_len=max_seq_len))
-        rebuilt.load_state_dict(model.state_dict())
-        model = rebuilt
-    return model, None
+    return reshaped(model, dropout, max_seq_len), None
+
+
+def reshaped(model, new_dropout, new_max_seq_len):
+    """model, or a copy of it with another dropout and max_seq_len (only its rope tables depend on that)."""
+    if (model.args.dropout, model.args.max_seq_len) == (new_dropout, new_max_seq_len):
+        return model
+    rebuilt = Transformer(dataclasses.replace(model.args, dropout=new_dropout, max_seq_len=new_max_seq_len))
+    rebuilt.load_state_dict(model.state_dict())
+    return rebuilt
+
+
+def build_head(mode, ckpt, model):
+    """PPO's value head or the reward model's head (None in other modes): the checkpoint's when it has one."""
+    key = {"ppo": "value_head", "reward_model": "reward_head"}.get(mode)
+    if key is None:
+        return None
+    head = rlhf.scalar_head(model.args.dim)
+    if ckpt is not None and key in ckpt:
+        head.load_state_dict(ckpt[key])
+    return head
 
 
 def available_memory(device_name, local_world_size):
@@ -298,24 +418,34 @@ def oom_hint():
 
 # ----------------------------------------------------------------------------- the shared loop
 
+def lm_loss(model, x, y):
+    return model(x, y)[1]
+
+
 def train_step(model, optimizer, batches, accum_steps, device="cpu", ctx=nullcontext(), scaler=None,
-               grad_clip=1.0):
+               grad_clip=1.0, loss_of=lm_loss):
     """One optimizer step over accum_steps micro-batches; returns (mean loss tensor, tokens seen).
 
-    The loss stays a tensor (no sync per micro-step). A DDP model all-reduces on the last micro-step only."""
+    loss_of(model, *batch) is the loss of a batch of tensors (the first holds the tokens). The loss stays a
+    tensor (no sync per micro-step). A DDP model all-reduces on the last micro-step only."""
     total = torch.zeros((), device=device)
     tokens = 0
     for micro in range(accum_steps):
-        x, y = next(batches)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        batch = [t.to(device, non_blocking=True) for t in next(batches)]
         if isinstance(model, DDP):
             model.require_backward_grad_sync = micro == accum_steps - 1
         with ctx:
-            _, loss = model(x, y)
+            loss = loss_of(model, *batch)
         loss_part = loss / accum_steps
         (scaler.scale(loss_part) if scaler is not None else loss_part).backward()
         total += loss_part.detach()
-        tokens += x.numel()
+        tokens += batch[0].numel()
+    optimizer_step(optimizer, scaler, grad_clip)
+    return total, tokens
+
+
+def optimizer_step(optimizer, scaler, grad_clip):
+    """Clip the gradients (unscaled first under float16), step, and clear them."""
     if scaler is not None and grad_clip:
         scaler.unscale_(optimizer)
     if grad_clip:
@@ -326,7 +456,6 @@ def train_step(model, optimizer, batches, accum_steps, device="cpu", ctx=nullcon
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total, tokens
 
 
 @torch.no_grad()
@@ -408,8 +537,11 @@ def log_metrics(row):
         f.write(json.dumps(row) + "\n")
 
 
-def train_loop(run, step, evaluate):
-    """Iterate from run.iter_num to max_iters: set the LR, eval and checkpoint, step, log. Shared by all modes."""
+def train_loop(run, step, evaluate, summary=None):
+    """Iterate from run.iter_num to max_iters: set the LR, eval and checkpoint, step, log. Shared by all modes.
+
+    step(run) returns (loss tensor, tokens) or (loss, tokens, stats for the log row); evaluate(run) the val
+    loss, or a dict of it ("val_loss", what best.pt minimises) and more; summary(row) the log line's middle."""
     first = True
     t_last, iters_since, tokens_since = time.perf_counter(), 0, 0
     while True:
@@ -426,18 +558,21 @@ def train_loop(run, step, evaluate):
         if (it % eval_interval == 0 or at_end) and not just_resumed:
             improved = False
             if run.master:
-                val_loss = evaluate(run)
+                evals = evaluate(run)
+                evals = evals if isinstance(evals, dict) else {"val_loss": evals}
+                val_loss = evals["val_loss"]
                 improved = val_loss < run.best_val_loss
                 run.best_val_loss = min(run.best_val_loss, val_loss)
-                log_metrics({"iter": it, "val_loss": val_loss})
-                print(f"iter {it}: val loss {val_loss:.4f}" + (" (best)" if improved else ""), flush=True)
+                log_metrics({"iter": it, **evals})
+                more = "".join(f" | {k.removeprefix('val_')} {v:.4g}" for k, v in evals.items() if k != "val_loss")
+                print(f"iter {it}: val loss {val_loss:.4f}" + (" (best)" if improved else "") + more, flush=True)
             if (it > 0 or at_end) and not eval_only:
                 save(run, improved)
             t_last, iters_since, tokens_since = time.perf_counter(), 0, 0
         if at_end:
             return
         first = False
-        loss, tokens = step(run)
+        loss, tokens, *stats = step(run)
         run.iter_num += 1
         iters_since, tokens_since = iters_since + 1, tokens_since + tokens * run.world_size
         if it % log_interval == 0 and run.master:
@@ -448,8 +583,10 @@ def train_loop(run, step, evaluate):
             mfu = run.raw_model.estimate_mfu(tokens_per_s / run.world_size, peak_flops)
             if mfu is not None:
                 row["mfu"] = mfu
+            row.update(*stats)
             log_metrics(row)
-            print(f"iter {it} | loss {row['loss']:.4f} | lr {lr:.2e} | {dt * 1e3:.1f} ms/iter | "
+            print(f"iter {it} | {summary(row) if summary else f'loss {loss.item():.4f}'} | lr {lr:.2e} | "
+                  f"{dt * 1e3:.1f} ms/iter | "
                   f"{tokens_per_s:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu is not None else ""), flush=True)
             t_last, iters_since, tokens_since = now, 0, 0
 
@@ -458,6 +595,84 @@ def lm_step(run):
     """Pretraining and SFT: next-token loss on the run's batches (SFT labels are -1 over the prompt)."""
     return train_step(run.model, run.optimizer, run.batches, run.accum_steps, run.device, run.ctx, run.scaler,
                       grad_clip)
+
+
+# ----------------------------------------------------------------------------- RLHF modes (ppo.py)
+
+def ppo_recipe(run, ckpt, ckpt_path):
+    """PPO's step, evaluate and log summary, which share the frozen reference, the reward and the KL controller."""
+    if run.world_size > 1:
+        raise UserError("PPO runs in one process: start it with python, not torchrun")
+    tok = Tokenizer(run.meta["tokenizer"])
+    stops = (tok.bos_id, tok.eos_id)  # EOS ends an instruct story, BOS starts the next plain one
+    if init_from == "resume":
+        reference, record = load_reference(ckpt["reference"]["path"], run.device, ckpt["reference"]["checksum"])
+        kl_coef = ckpt["kl_coef"]
+    else:
+        reference, record = load_reference(ckpt_path, run.device, ckpt=ckpt)
+        kl_coef = init_kl_coef
+    kl_ctl = rlhf.KLController(kl_coef, kl_target if kl_control == "adaptive" else None, kl_horizon)
+    score = rlhf.make_reward(reward, tok, prompts, target_len, stops, max_seq_len, run.meta.get("tokenizer_sha256"),
+                             run.ctx)
+    settings = rlhf.PPOSettings(**{f.name: globals()[f.name] for f in dataclasses.fields(rlhf.PPOSettings)})
+    val_batches = [next(make_batches("val"))]
+    run.extra_state = lambda: {"value_head": run.head.state_dict(), "kl_coef": kl_ctl.value, "reference": record}
+
+    def update(loss):
+        run.scaler.scale(loss).backward()
+        optimizer_step(run.optimizer, run.scaler, grad_clip)
+
+    def step(run):
+        stats, tokens = rlhf.ppo_iteration(run.model, reference, run.batches, score, kl_ctl, settings, update, stops,
+                                           run.ctx)
+        return torch.tensor(stats["ppo/loss/total"]), tokens, stats
+
+    def evaluate(run):
+        result, _ = rlhf.evaluate_policy(run.raw_model, tok, val_batches, score, max_new_tokens, stops, seed, run.ctx)
+        return {"val_loss": -result["score"], **{f"val_{k}": v for k, v in result.items()}}
+
+    def summary(row):
+        return (f"score {row['env/reward_mean']:.4f} | len {row['tokens/total_len_mean']:.1f} | "
+                f"kl {row['ppo/kl_ref']:.3f} (coef {row['ppo/kl_coef']:.4f})")
+    return step, evaluate, summary
+
+
+def load_reference(path, dev, expected_checksum=None, ckpt=None):
+    """PPO's frozen reference (a head-less TransformerWithHead) and its record {"path", "checksum"}.
+
+    A resumed run rebuilds it from the recorded path and refuses weights that changed since (the file was
+    trained further or replaced): the reference must stay the model PPO started from."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
+    model = model_from_checkpoint(ckpt, merge=True, path=path)
+    checksum = weights_checksum(model)
+    if expected_checksum and checksum != expected_checksum:
+        raise UserError(f"the reference model {path} has other weights than when this PPO run started (trained "
+                        "further or replaced since); restore that checkpoint to resume")
+    model = reshaped(model, 0.0, max_seq_len).to(dev)
+    return rlhf.TransformerWithHead(rlhf.frozen(model)), {"path": os.path.abspath(path), "checksum": checksum}
+
+
+def preference_loss_of(model, tokens, last, tie):
+    _, scores = model(tokens, last[:, None], logits=False)
+    return rlhf.preference_loss(scores[:, 0], tie)[0]
+
+
+def reward_model_recipe(run):
+    """The reward model's step (Bradley-Terry on pairs of its preference file) and evaluate (held-out loss and
+    accuracy)."""
+    val_pairs = make_batches("val", meta=run.meta).pairs
+    scorer = rlhf.TransformerWithHead(run.raw_model, run.head)
+    run.extra_state = lambda: {"reward_head": run.head.state_dict()}
+
+    def step(run):
+        return train_step(run.model, run.optimizer, run.batches, run.accum_steps, run.device, run.ctx, run.scaler,
+                          grad_clip, loss_of=preference_loss_of)
+
+    def evaluate(run):
+        result = rlhf.evaluate_preferences(scorer, val_pairs, batch_size, run.ctx)
+        scorer.train()
+        return result
+    return step, evaluate, None
 
 
 # ----------------------------------------------------------------------------- setup
@@ -519,7 +734,10 @@ def weights_checksum(model):
 
 def mode_name():
     """The one place that picks the mode from the flags."""
-    return "sft" if sft else "pretrain"
+    chosen = [name for name, on in (("sft", sft), ("ppo", ppo), ("reward_model", reward_model)) if on]
+    if len(chosen) > 1:
+        raise UserError(f"--{chosen[0]}=True and --{chosen[1]}=True: choose one mode")
+    return chosen[0] if chosen else "pretrain"
 
 
 @cli
@@ -536,10 +754,11 @@ def main(argv=None):
 
 def run_training(ckpt, ckpt_path, rank, local_world, world_size, dev):
     mode = mode_name()
-    meta = read_data_meta()
+    meta = read_data_meta(ckpt)
     check_tokenizer(meta, ckpt, ckpt_path)
     torch.manual_seed(seed + rank)
     raw_model, base_checkpoint = build_model(ckpt, ckpt_path)
+    head = build_head(mode, ckpt, raw_model)
     check_memory(raw_model, dev, local_world)
     raw_model.to(dev)
     device_type = dev.split(":")[0]
@@ -550,15 +769,26 @@ def run_training(ckpt, ckpt_path, rank, local_world, world_size, dev):
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-    model = torch.compile(raw_model) if compile else raw_model
+    model = raw_model
+    if head is not None:  # groups after the model's, as in the checkpoint's optimizer state
+        head.to(dev)
+        optimizer.add_param_group({"params": [head.weight], "weight_decay": weight_decay})
+        optimizer.add_param_group({"params": [head.bias], "weight_decay": 0.0})
+        model = rlhf.TransformerWithHead(raw_model, head)
+    model = torch.compile(model) if compile else model
     if world_size > 1:
         # the rope tables never change: no need to broadcast buffers before every forward
         model = DDP(model, device_ids=[dev] if dev.startswith("cuda") else None, forward_sync_buffers=False,
                     gradient_as_bucket_view=True)
     run = Run(mode=mode, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler, ctx=ctx, device=dev,
               rank=rank, world_size=world_size, accum_steps=gradient_accumulation_steps // world_size,
-              batches=make_batches("train", rank), meta=meta, base_checkpoint=base_checkpoint)
-    if init_from == "resume":
+              batches=make_batches("train", rank, meta), meta=meta, base_checkpoint=base_checkpoint, head=head)
+    step, evaluate, summary = lm_step, estimate_val_loss, None  # pretrain and sft differ only in their batches
+    if mode == "ppo":
+        step, evaluate, summary = ppo_recipe(run, ckpt, ckpt_path)
+    elif mode == "reward_model":
+        step, evaluate, summary = reward_model_recipe(run)
+    if init_from == "resume":  # last: building models above draws from the RNG
         run.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             run.scaler.load_state_dict(ckpt["scaler"])
@@ -572,13 +802,16 @@ def run_training(ckpt, ckpt_path, rank, local_world, world_size, dev):
         start_metrics(run)
         n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         tokens_per_iter = gradient_accumulation_steps * batch_size * max_seq_len
+        per_iter = {"ppo": f"{rollouts} rollouts of up to {max_new_tokens} new tokens per iteration, {ppo_epochs} "
+                           f"epochs of minibatches of {batch_size}, reward {reward}",
+                    "reward_model": f"{gradient_accumulation_steps * batch_size} preference pairs per iteration"}
         print(f"{mode}: {sum(p.numel() for p in raw_model.parameters()):,} parameters ({n_trainable:,} trained), "
               f"{'resuming at iteration ' + str(run.iter_num) if run.resumed else 'from ' + init_from}; "
-              f"up to {tokens_per_iter:,} tokens per iteration "
-              f"({world_size} x {run.accum_steps} x {batch_size} x {max_seq_len}) on {dev}", flush=True)
-    step, evaluate = lm_step, estimate_val_loss  # pretrain and sft differ only in their batches
+              + per_iter.get(mode, f"up to {tokens_per_iter:,} tokens per iteration "
+                                   f"({world_size} x {run.accum_steps} x {batch_size} x {max_seq_len})")
+              + f" on {dev}", flush=True)
     try:
-        train_loop(run, step, evaluate)
+        train_loop(run, step, evaluate, summary)
     except torch.OutOfMemoryError:
         raise UserError(f"out of memory: {oom_hint()}") from None
     except RuntimeError as e:

@@ -1,0 +1,866 @@
+"""RLHF for the toolkit's Llama 2: PPO against programmatic or learned rewards, a reward model, and people
+labelling preferences.
+
+    python train.py --ppo=True --init_from=out260K/ckpt.pt --reward=length --target_len=200 --out_dir=out-ppo
+    python train.py --ppo=True --init_from=out-sft/ckpt.pt --reward=words --out_dir=out-ppo-words
+    python ppo.py label --checkpoint=out-sft/ckpt.pt --out=data/prefs.jsonl          # a person picks a or b
+    python ppo.py label --checkpoint=out-sft/ckpt.pt --out=data/prefs.jsonl --auto=words --num_pairs=3000
+    python train.py --reward_model=True --preferences=data/prefs.jsonl --init_from=out-sft/ckpt.pt --out_dir=out-rm
+    python train.py --ppo=True --init_from=out-sft/ckpt.pt --reward=model:out-rm/ckpt.pt --out_dir=out-ppo-rm
+    python ppo.py eval --checkpoint=out-ppo-words/ckpt.pt --reward=words             # on held-out prompts
+
+train.py runs the loops (settings, optimizer, checkpoints, resume, metrics.jsonl); this file has the parts.
+One PPO iteration: the policy answers `rollouts` prompts (temperature 1, no top-k/top-p: the log-probs must be
+those of the distribution that drew the tokens); each response is scored, the score going on its last token;
+one batched pass of the policy gives the old log-probs and values (a value head on the final normed hidden
+state), one of the frozen reference its log-probs; every response token gets the reward -kl_coef * KL(policy ||
+reference); advantages by GAE, whitened over the valid tokens; then ppo_epochs over shuffled minibatches of the
+clipped policy loss plus vf_coef times the clipped value loss. Padding is masked out of every mean.
+
+Rewards (--reward, terms joined by +, each with an optional weight: length+0.5*words):
+  length       -|target_len - len(query + response)| / 100, the stop token not counted (the PPO fork's reward)
+  words        share of the instruction's three required words the story uses, + 0.5 if it ends with EOS
+  model:PATH   the score of a reward model train.py --reward_model=True wrote
+
+Preference files are JSON lines {"prompt", "chosen", "rejected"} (texts; "tie": true for a tie), with the exact
+tokens in "prompt_tokens", "chosen_tokens", "rejected_tokens" when label wrote them; without those, the prompt is
+read as an instruction and each story is encoded in the instruct layout, ending with EOS.
+"""
+import json
+import os
+import re
+import shutil
+import sys
+import textwrap
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tinystories
+from configurator import UserError, atomic_output, cli, configure
+from model import load_model, model_from_checkpoint, read_checkpoint
+from tokenizer import Tokenizer, instruct_prompt
+
+# -----------------------------------------------------------------------------
+# settings of `python ppo.py label|eval` (PPO and the reward model train through train.py)
+checkpoint = ""  # the model that writes the stories
+out = ""  # label: the JSONL preference file to append to
+auto = ""  # label: a reward spec that answers instead of a person (e.g. words); ties when scores are equal
+num_pairs = 0  # label: stop after this many pairs in the file (0: until q, or end of input)
+reward = "words"  # eval: the reward spec to report
+num_prompts = 200  # eval: held-out prompts
+data_dir = tinystories.DATA_DIR
+prompts = "auto"  # plain | instruct | auto (instruct for a model fine-tuned on instructions)
+start_len = 30  # plain prompts: BOS + 1..start_len tokens of a story
+target_len = 200  # the length reward's target
+max_new_tokens = 300
+batch_size = 50  # rows per generate call
+show = 3  # eval: samples to print
+seed = 0
+device = "cpu"
+# -----------------------------------------------------------------------------
+
+SUBCOMMANDS = ("label", "eval")
+ANSWERS = {"a": "a", "b": "b", "t": "tie", "s": "skip", "q": "quit"}
+
+
+# ----------------------------------------------------------------------------- the model with a scalar head
+
+def scalar_head(dim):
+    """Linear(dim, 1) starting at zero, so values (or rewards) start at 0 and are learned from there."""
+    head = nn.Linear(dim, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+class TransformerWithHead(nn.Module):
+    """A Transformer and a scalar head (PPO's value head, a reward model's) on its final normed hidden state.
+
+    forward reads only the given positions (B, P) of each row: logits and head are computed there alone."""
+
+    def __init__(self, transformer, head=None):
+        super().__init__()
+        self.transformer, self.head = transformer, head
+
+    def forward(self, tokens, positions, logits=True):
+        h = self.transformer.hidden_states(tokens)
+        h = h.gather(1, positions[..., None].expand(-1, -1, h.size(-1)))
+        return (self.transformer.output(h) if logits else None,
+                self.head(h).squeeze(-1).float() if self.head is not None else None)
+
+
+def frozen(model):
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def default_prompts(ckpt):
+    """The prompts that suit a checkpoint: instruct for one fine-tuned on instructions, else plain."""
+    if ckpt.get("mode") == "sft":
+        return "instruct"
+    chosen = (ckpt.get("config") or {}).get("prompts")
+    return chosen if chosen in ("plain", "instruct") else "plain"
+
+
+class PromptStream:
+    """Rollout prompts, batch i depending only on (seed, rank, i), so a resumed run continues the stream.
+
+    kind "plain": BOS + 1..start_len tokens of a story of the pretraining shards; "instruct": an instruct prompt
+    (instruction, then BOS) with the words it asks for. Split "train" = shards 1.., "val" = shard 0. Each prompt
+    is {"tokens", "words" (None for plain), "instruction" (None for plain)}."""
+
+    def __init__(self, kind, split, batch_size, vocab_size, start_len=30, seed=0, rank=0,
+                 data_dir=tinystories.DATA_DIR):
+        if kind not in ("plain", "instruct"):
+            raise UserError(f"--prompts must be plain or instruct, got {kind!r}")
+        if start_len < 1:
+            raise UserError(f"--start_len must be at least 1, got {start_len}")
+        self.kind, self.start_len = kind, start_len
+        if kind == "instruct":
+            self.examples = [{"tokens": e["prompt"], "words": e["words"], "instruction": e["instruction"]}
+                             for e in tinystories.instruct_examples(split, vocab_size, data_dir)]
+            count = len(self.examples)
+        else:
+            meta = tinystories.read_meta(vocab_size, data_dir=data_dir)
+            if split == "train" and meta["num_shards"] < 2:
+                raise UserError(f"{tinystories.pretok_dir(vocab_size, False, data_dir)} has one shard; prompts "
+                                "need at least 2 (shard 0 is the validation split)")
+            indices = range(1, meta["num_shards"]) if split == "train" else [0]
+            self.shards = [tinystories.load_shard(vocab_size, k, data_dir) for k in indices]
+            self.starts = [np.flatnonzero(s == meta["bos_id"]) for s in self.shards]  # every story opens with BOS
+            self.ends = np.cumsum([len(s) for s in self.starts])
+            count = int(self.ends[-1]) if len(self.ends) else 0
+        if count == 0:
+            raise UserError(f"no {split} stories for {kind} prompts in {data_dir}: write a larger corpus")
+        self.count, self.batch_size, self.seed, self.rank = count, batch_size, seed, rank
+        self.next_batch = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rng = np.random.default_rng([self.seed % 2 ** 63, self.rank, self.next_batch])
+        self.next_batch += 1
+        picks = rng.integers(0, self.count, size=self.batch_size)
+        if self.kind == "instruct":
+            return [self.examples[i] for i in picks]
+        lengths = rng.integers(1, self.start_len + 1, size=self.batch_size)
+        batch = []
+        for pick, n in zip(picks, lengths):
+            k = int(np.searchsorted(self.ends, pick, side="right"))
+            i = pick - (self.ends[k - 1] if k else 0)
+            starts, shard = self.starts[k], self.shards[k]
+            end = starts[i + 1] if i + 1 < len(starts) else len(shard)
+            batch.append({"tokens": shard[starts[i]:min(starts[i] + 1 + n, end)].tolist(), "words": None,
+                          "instruction": None})
+        return batch
+
+    def state_dict(self):
+        return {"next_batch": self.next_batch}
+
+    def load_state_dict(self, state):
+        self.next_batch = int(state["next_batch"])
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+@torch.no_grad()
+def rollout(model, queries, max_new_tokens, stop_tokens, temperature=1.0, generator=None, ctx=nullcontext()):
+    """Each query's response from one batched KV-cache generate; a response that stopped ends with its stop token."""
+    model.eval()
+    with ctx:
+        return model.generate(queries, max_new_tokens, temperature=temperature, stop_tokens=stop_tokens,
+                              generator=generator)
+
+
+def story_tokens(response, stop_tokens):
+    """A response without its stop token."""
+    return response[:-1] if response and response[-1] in stop_tokens else response
+
+
+@dataclass
+class Rollouts:
+    """Queries and responses packed for the model: tokens (N, L) is each query + response without its last
+    token, right-padded; targets and mask (N, R) are the response tokens and which of them are real."""
+    tokens: torch.Tensor
+    query_len: torch.Tensor
+    response_len: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def pack(cls, queries, responses):
+        if any(len(r) == 0 for r in responses):
+            raise ValueError("every response needs at least one token")
+        query_len = torch.tensor([len(q) for q in queries])
+        response_len = torch.tensor([len(r) for r in responses])
+        tokens = torch.zeros(len(queries), int((query_len + response_len).max()) - 1, dtype=torch.long)
+        targets = torch.zeros(len(queries), int(response_len.max()), dtype=torch.long)
+        for row, (q, r) in enumerate(zip(queries, responses)):
+            seq = q + r
+            tokens[row, :len(seq) - 1] = torch.tensor(seq[:-1])
+            targets[row, :len(r)] = torch.tensor(r)
+        mask = torch.arange(targets.shape[1])[None] < response_len[:, None]
+        return cls(tokens, query_len, response_len, targets, mask)
+
+    def rows(self, index):
+        """(tokens, positions, targets, mask) of some rows, only as wide as their own lengths need.
+
+        positions[b, j] is the input position whose output predicts response token j of row b."""
+        q, r = self.query_len[index], self.response_len[index]
+        width, resp = int((q + r).max()) - 1, int(r.max())
+        positions = ((q - 1)[:, None] + torch.arange(resp)[None]).clamp(max=width - 1)
+        return self.tokens[index, :width], positions, self.targets[index, :resp], self.mask[index, :resp]
+
+
+def token_logprobs(logits, targets):
+    """log p(target) of each position, in float32."""
+    return -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(targets.shape)
+
+
+@torch.no_grad()
+def score_responses(model, data, batch_size, ctx=nullcontext()):
+    """Log-probs (N, R) of the response tokens under model (a TransformerWithHead), its values (N, R) if it has
+    a head, and the entropy of each position's distribution; zero on padding. Rows go in batches of similar
+    length, so little padding is computed."""
+    model.eval()
+    dev = device_of(model)
+    n, width = data.mask.shape
+    logp, entropy = torch.zeros(n, width), torch.zeros(n, width)
+    values = torch.zeros(n, width) if model.head is not None else None
+    for index in torch.argsort(data.query_len + data.response_len).split(batch_size):
+        tokens, positions, targets, mask = (t.to(dev) for t in data.rows(index))
+        with ctx:
+            logits, v = model(tokens, positions)
+        logits = logits.float()
+        r = targets.shape[1]
+        logp[index, :r] = token_logprobs(logits, targets).masked_fill(~mask, 0.0).cpu()
+        probs = logits.softmax(-1)
+        entropy[index, :r] = (torch.logsumexp(logits, -1) - (probs * logits).sum(-1)).masked_fill(~mask, 0.0).cpu()
+        if values is not None:
+            values[index, :r] = v.masked_fill(~mask, 0.0).cpu()
+    return logp, values, entropy
+
+
+def device_of(model):
+    return next(model.parameters()).device
+
+
+# ----------------------------------------------------------------------------- rewards
+
+REWARD_TERM = re.compile(r"\s*(?:([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*)?(length|words|model:\S+)\s*")
+
+
+def parse_reward(spec):
+    """[(weight, name)] of a reward spec: terms such as length, 0.5*words or model:out-rm/ckpt.pt joined by +."""
+    terms = []
+    for part in spec.split("+"):
+        m = REWARD_TERM.fullmatch(part)
+        if not m:
+            raise UserError(f"--reward={spec!r}: cannot read {part.strip()!r}; write terms such as length, "
+                            "0.5*words or model:out-rm/ckpt.pt joined by +")
+        terms.append((float(m.group(1)) if m.group(1) else 1.0, m.group(2)))
+    return terms
+
+
+def length_score(query, response, stop_tokens, target):
+    """The PPO fork's reward: -|target - len(query + response)| / 100, not counting the stop token."""
+    return -abs(target - len(query) - len(story_tokens(response, stop_tokens))) / 100
+
+
+def uses_word(text, word):
+    """Whether text holds word or a regular form of it (jump: jumps, jumped, jumping; happy: happier...)."""
+    w = re.escape(word.lower())
+    forms = [rf"{w}(?:s|es|d|ed|ing|er|est|ly)?"]
+    if len(word) > 2 and word[-1] in "eE":
+        forms.append(rf"{w[:-1]}(?:ing|ed|er|est)")
+    if len(word) > 2 and word[-1] in "yY":
+        forms.append(rf"{w[:-1]}i(?:es|ed|er|est|ly)")
+    if len(word) > 2 and word[-1].lower() not in "aeiouwxy":
+        forms.append(rf"{w}{re.escape(word[-1].lower())}(?:ed|ing|er|est)")
+    return re.search(rf"\b(?:{'|'.join(forms)})\b", text.lower()) is not None
+
+
+def words_score(story, words, ended):
+    """Share of the required words the story uses, plus 0.5 when it ended with EOS (a finished story)."""
+    return sum(uses_word(story, w) for w in words) / len(words) + (0.5 if ended else 0.0)
+
+
+def load_reward_model(path, tok, prompts_kind, max_len=None, tokenizer_sha256=None):
+    """A frozen reward model (TransformerWithHead) from a checkpoint train.py --reward_model=True wrote, checked
+    against the policy's tokenizer (tok, and its sha256 when known) and prompts."""
+    ckpt = read_checkpoint(path)
+    if ckpt.get("mode") != "reward_model" or "reward_head" not in ckpt:
+        raise UserError(f"model:{path} is not a reward model (its mode is {ckpt.get('mode')!r}); train one with "
+                        "python train.py --reward_model=True --preferences=... --init_from=...")
+    recorded = ckpt.get("tokenizer") or {}
+    if recorded.get("vocab_size", tok.vocab_size) != tok.vocab_size or (
+            recorded.get("sha256") and tokenizer_sha256 and recorded["sha256"] != tokenizer_sha256):
+        raise UserError(f"model:{path} was trained with tokenizer {recorded.get('path')}, another vocabulary than "
+                        f"the policy's {tok.model_path}")
+    trained_on = default_prompts(ckpt)
+    if trained_on != prompts_kind:
+        raise UserError(f"model:{path} scores stories for {trained_on} prompts but this run uses {prompts_kind} "
+                        f"prompts (--prompts={trained_on}, or a reward model for {prompts_kind} prompts)")
+    transformer = model_from_checkpoint(ckpt, merge=True, path=path)
+    if max_len and transformer.args.max_seq_len < max_len:
+        raise UserError(f"model:{path} reads at most {transformer.args.max_seq_len} tokens but rollouts reach "
+                        f"{max_len}; lower --max_new_tokens or --max_seq_len")
+    head = scalar_head(transformer.args.dim)
+    head.load_state_dict(ckpt["reward_head"])
+    return frozen(TransformerWithHead(transformer, head))
+
+
+def pad_right(sequences):
+    """Token lists as a right-padded (B, T) tensor and the index of each one's last token."""
+    tokens = torch.zeros(len(sequences), max(len(s) for s in sequences), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        tokens[row, :len(s)] = torch.tensor(s)
+    return tokens, torch.tensor([len(s) - 1 for s in sequences])
+
+
+@torch.no_grad()
+def last_token_scores(model, sequences, batch_size=64, ctx=nullcontext()):
+    """The head's output at the last token of each sequence (a reward model's score), in batches of similar length."""
+    model.eval()
+    scores = torch.empty(len(sequences))
+    for index in torch.argsort(torch.tensor([len(s) for s in sequences])).split(batch_size):
+        tokens, last = (t.to(device_of(model)) for t in pad_right([sequences[i] for i in index]))
+        with ctx:
+            _, s = model(tokens, last[:, None], logits=False)
+        scores[index] = s[:, 0].cpu()
+    return scores
+
+
+def make_reward(spec, tok, prompts_kind, target=200, stop_tokens=(), max_len=None, tokenizer_sha256=None,
+                ctx=nullcontext()):
+    """A function scoring rollouts by a reward spec: (prompts, responses) -> (scores (N,), {term: mean}).
+
+    max_len: the longest query + response; tokenizer_sha256: the policy's tokenizer, checked against a reward
+    model's."""
+    terms = []
+    for weight, name in parse_reward(spec):
+        if name == "words" and prompts_kind != "instruct":
+            raise UserError("--reward=words needs instruct prompts, which say the words to use: fine-tune on "
+                            "instructions (train.py --sft=True) and use --prompts=instruct")
+        model = None
+        if name.startswith("model:"):
+            model = load_reward_model(name[len("model:"):], tok, prompts_kind, max_len, tokenizer_sha256)
+        terms.append((weight, name, model))
+
+    def term_scores(name, model, batch, responses):
+        if name == "length":
+            return [length_score(p["tokens"], r, stop_tokens, target) for p, r in zip(batch, responses)]
+        if name == "words":
+            return [words_score(tok.decode(story_tokens(r, stop_tokens)), p["words"], r[-1] == tok.eos_id)
+                    for p, r in zip(batch, responses)]
+        return last_token_scores(model, [p["tokens"] + r for p, r in zip(batch, responses)], ctx=ctx).tolist()
+
+    def score(batch, responses):
+        parts = {name: torch.tensor(term_scores(name, model, batch, responses), dtype=torch.float32)
+                 for _, name, model in terms}
+        total = sum(weight * parts[name] for weight, name, _ in terms)
+        return total, {name: v.mean().item() for name, v in parts.items()}
+    return score
+
+
+# ----------------------------------------------------------------------------- PPO's arithmetic
+
+def masked_mean(x, mask):
+    return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x, mask):
+    """Unbiased variance of the valid entries."""
+    n = mask.sum().clamp(min=2)
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask) * n / (n - 1)
+
+
+def whiten(x, mask):
+    """x shifted and scaled to mean 0 and variance 1 over the valid entries; 0 elsewhere."""
+    return torch.where(mask, (x - masked_mean(x, mask)) * torch.rsqrt(masked_var(x, mask) + 1e-8), 0.0)
+
+
+def kl_per_token(logp, ref_logp, estimator="k1"):
+    """KL(policy || reference) estimated at each sampled token (Schulman, "Approximating KL divergence"):
+    k1 = log p - log q (unbiased, can be negative); k3 = (q/p - 1) - log(q/p) (unbiased, never negative)."""
+    log_ratio = ref_logp - logp
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise UserError(f"--kl_estimator must be k1 or k3, got {estimator!r}")
+
+
+def token_rewards(scores, kl, mask, kl_coef):
+    """-kl_coef * KL on every response token, plus each row's score on its last valid token."""
+    rewards = torch.where(mask, -kl_coef * kl, 0.0)
+    last = mask.sum(1) - 1
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def gae(values, rewards, mask, gamma, lam):
+    """Advantages and returns by generalised advantage estimation over each row's valid tokens (B, T)."""
+    values, rewards = torch.where(mask, values, 0.0), torch.where(mask, rewards, 0.0)
+    advantages = torch.zeros_like(values)
+    running = torch.zeros(values.shape[0])
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else 0.0  # 0 after a row's last token
+        running = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * running
+        advantages[:, t] = running
+    return advantages, advantages + values
+
+
+class KLController:
+    """The coefficient of the KL penalty: fixed, or adaptive (Ziegler et al. 2019), moved each iteration by
+    at most 20% x n_steps / horizon toward the coefficient that gives the target KL."""
+
+    def __init__(self, value, target=None, horizon=10000):
+        self.value, self.target, self.horizon = value, target, horizon
+
+    def update(self, kl, n_steps):
+        if self.target is None:
+            return
+        error = float(np.clip(kl / self.target - 1, -0.2, 0.2))
+        self.value *= 1 + error * n_steps / self.horizon
+
+
+def ppo_loss(logp, values, old_logp, old_values, advantages, returns, mask, cliprange, cliprange_value, vf_coef):
+    """The clipped policy loss plus vf_coef times the clipped value loss, over the valid tokens; and its stats."""
+    logp = torch.where(mask, logp, old_logp)  # padding: ratio 1, never an overflow
+    values = torch.where(mask, values, old_values)
+    clipped_values = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    value_losses = torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
+    value_loss = 0.5 * masked_mean(value_losses, mask)
+    ratio = torch.exp(logp - old_logp)
+    policy_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
+    policy_loss = masked_mean(policy_losses, mask)
+    loss = policy_loss + vf_coef * value_loss
+    with torch.no_grad():
+        log_ratio = logp - old_logp
+        stats = {
+            "ppo/loss/policy": policy_loss, "ppo/loss/value": value_loss, "ppo/loss/total": loss,
+            "ppo/policy/approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
+            "ppo/policy/policykl": masked_mean(-log_ratio, mask),
+            "ppo/policy/clipfrac": masked_mean(((ratio - 1).abs() > cliprange).float(), mask),
+            "ppo/val/vpred": masked_mean(values, mask),
+            "ppo/val/error": masked_mean((values - returns) ** 2, mask),
+            "ppo/val/clipfrac": masked_mean(((values - old_values).abs() > cliprange_value).float(), mask),
+        }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+# ----------------------------------------------------------------------------- one PPO iteration
+
+@dataclass
+class PPOSettings:
+    """PPO's hyperparameters (train.py's settings of the same names); defaults are the PPO fork's."""
+    max_new_tokens: int = 300
+    batch_size: int = 50  # the minibatch
+    ppo_epochs: int = 4
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    kl_estimator: str = "k1"
+    max_policy_kl: float = 0.3  # stop the iteration's epochs once an epoch's policy KL exceeds this; 0: never
+    group_by_length: bool = True  # minibatches of rollouts of similar length (less padding), in shuffled order
+
+
+def minibatches(lengths, size, group_by_length=True):
+    """Row indices of each minibatch of an epoch, drawn from torch's RNG. Grouped by length, the rows sorted by
+    length (ties in random order) are cut into minibatches, which then come in random order."""
+    order = torch.randperm(len(lengths))
+    if not group_by_length:
+        return list(order.split(size))
+    order = order[torch.argsort(lengths[order], stable=True)]
+    batches = list(order.split(size))
+    return [batches[i] for i in torch.randperm(len(batches))]
+
+
+def ppo_iteration(model, reference, prompts, reward, kl_ctl, cfg, update, stop_tokens, ctx=nullcontext()):
+    """Roll out, score, compute advantages, and update; returns the iteration's stats (the fork's names) and the
+    number of response tokens.
+
+    model is the policy with its value head (a TransformerWithHead), reference the frozen TransformerWithHead
+    without a head, prompts a PromptStream, reward make_reward's function, update(loss) one optimizer step."""
+    dev = device_of(model)
+    t0 = time.perf_counter()
+    batch = next(prompts)
+    queries = [p["tokens"] for p in batch]
+    responses = rollout(model.transformer, queries, cfg.max_new_tokens, stop_tokens, ctx=ctx)
+    t1 = time.perf_counter()
+    scores, reward_parts = reward(batch, responses)
+    data = Rollouts.pack(queries, responses)
+    old_logp, old_values, entropy = score_responses(model, data, cfg.batch_size, ctx)
+    ref_logp, _, _ = score_responses(reference, data, cfg.batch_size, ctx)
+    t2 = time.perf_counter()
+    mask = data.mask
+    kl = torch.where(mask, kl_per_token(old_logp, ref_logp, cfg.kl_estimator), 0.0)
+    kl_coef = kl_ctl.value
+    rewards = token_rewards(scores, kl, mask, kl_coef)
+    advantages, returns = gae(old_values, rewards, mask, cfg.gamma, cfg.lam)
+    advantages = whiten(advantages, mask)
+    t3 = time.perf_counter()
+    model.eval()  # dropout would make the ratio of new to old probabilities noise
+    minibatch_stats, epochs = [], 0
+    for epochs in range(1, cfg.ppo_epochs + 1):
+        epoch_stats = []
+        for index in minibatches(data.query_len + data.response_len, cfg.batch_size, cfg.group_by_length):
+            tokens, positions, targets, mb_mask = (t.to(dev) for t in data.rows(index))
+            r = targets.shape[1]
+            with ctx:
+                logits, values = model(tokens, positions)
+            old = (t[index, :r].to(dev) for t in (old_logp, old_values, advantages, returns))
+            loss, stats = ppo_loss(token_logprobs(logits, targets), values, *old, mb_mask, cfg.cliprange,
+                                   cfg.cliprange_value, cfg.vf_coef)
+            update(loss)
+            epoch_stats.append(stats)
+        minibatch_stats += epoch_stats
+        epoch_kl = torch.stack([s["ppo/policy/policykl"] for s in epoch_stats]).mean().item()
+        if cfg.max_policy_kl and epoch_kl > cfg.max_policy_kl:
+            break  # the policy moved too far from the one that rolled out
+    t4 = time.perf_counter()
+    kl_ref = kl.sum(1).mean().item()
+    kl_ctl.update(kl_ref, n_steps=len(queries))
+    lengths = (data.query_len + data.response_len).float()
+    stopped = torch.tensor([r[-1] in stop_tokens for r in responses], dtype=torch.float32)
+    stats = {k: torch.stack([s[k] for s in minibatch_stats]).mean().item() for k in minibatch_stats[0]}
+    stats.update({
+        "ppo/policy/entropy": masked_mean(entropy, mask).item(),
+        "ppo/policy/advantages_mean": masked_mean(advantages, mask).item(),
+        "ppo/returns/mean": masked_mean(returns, mask).item(), "ppo/returns/var": masked_var(returns, mask).item(),
+        "ppo/val/mean": masked_mean(old_values, mask).item(), "ppo/val/var": masked_var(old_values, mask).item(),
+        "ppo/kl_ref": kl_ref, "ppo/kl_coef": kl_coef, "ppo/epochs": epochs,
+        "ppo/reward_all": (rewards * mask).sum(1).mean().item(),
+        "env/reward_mean": scores.mean().item(), "env/reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+        **{f"env/reward/{name}": v for name, v in reward_parts.items()},
+        "tokens/query_len_mean": data.query_len.float().mean().item(),
+        "tokens/response_len_mean": data.response_len.float().mean().item(),
+        "tokens/total_len_mean": (lengths - stopped).mean().item(),  # what the length reward counts
+        "tokens/stopped": stopped.mean().item(),
+        "time/ppo/rollout": t1 - t0, "time/ppo/scoring": t2 - t1, "time/ppo/advantages": t3 - t2,
+        "time/ppo/update": t4 - t3, "time/ppo/total": t4 - t0,
+    })
+    return stats, int(data.response_len.sum())
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate_policy(model, tok, batches, reward, max_new_tokens, stop_tokens, seed=0, ctx=nullcontext()):
+    """Mean score, length and ended share of the model's stories for the prompt batches (and, for instruct
+    prompts, the share using all their words), drawn at temperature 1 from a fixed seed so that evaluations
+    compare; and the (prompt, story) texts."""
+    generator = torch.Generator(device=model.rope_cos.device).manual_seed(seed)
+    scores, lengths, ended, all_words, samples = [], [], [], [], []
+    for batch in batches:
+        responses = rollout(model, [p["tokens"] for p in batch], max_new_tokens, stop_tokens, generator=generator,
+                            ctx=ctx)
+        scores += reward(batch, responses)[0].tolist()
+        for p, r in zip(batch, responses):
+            story = tok.decode(story_tokens(r, stop_tokens))
+            lengths.append(len(p["tokens"]) + len(story_tokens(r, stop_tokens)))
+            ended.append(r[-1] in stop_tokens)
+            if p["words"]:
+                all_words.append(all(uses_word(story, w) for w in p["words"]))
+            samples.append((prompt_text(p, tok), story))
+    result = {"score": float(np.mean(scores)), "length": float(np.mean(lengths)), "ended": float(np.mean(ended))}
+    if all_words:
+        result["all_words"] = float(np.mean(all_words))
+    return result, samples
+
+
+def prompt_text(prompt, tok):
+    return prompt["instruction"] if prompt["instruction"] is not None else tok.decode(prompt["tokens"])
+
+
+# ----------------------------------------------------------------------------- the reward model
+
+def read_preferences(path, tok, max_len):
+    """The pairs of a JSONL preference file: [{"chosen", "rejected": prompt + story tokens, "tie": bool}].
+
+    Skipped answers are left out; a line that is not a preference is an error naming the line."""
+    if not os.path.isfile(path):
+        raise UserError(f"preference file not found: {path} (label pairs with python ppo.py label "
+                        f"--checkpoint=... --out={path})")
+    pairs = []
+    for n, row in json_lines(path):
+        if not isinstance(row, dict):
+            raise UserError(f"{path} line {n} is not a JSON object with prompt, chosen and rejected")
+        if not row.get("skipped"):
+            pairs.append(pair_tokens(row, tok, f"{path} line {n}", max_len))
+    if not pairs:
+        raise UserError(f"{path} holds no preference pairs: label some with python ppo.py label "
+                        f"--checkpoint=... --out={path}")
+    return pairs
+
+
+def json_lines(path):
+    """(line number, value) of each non-blank line of a JSON-lines file; a line that does not parse is an error
+    naming it."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {n} is not valid JSON ({e.msg} at column {e.colno}); fix or "
+                                    "remove that line") from None
+
+
+def pair_tokens(row, tok, where, max_len):
+    """A preference row's chosen and rejected sequences: its recorded tokens, else its texts in the instruct layout."""
+    keys = ("prompt", "chosen", "rejected")
+    if all(isinstance(row.get(f"{k}_tokens"), list) for k in keys):
+        prompt, chosen, rejected = (row[f"{k}_tokens"] for k in keys)
+        if not all(isinstance(t, int) and 0 <= t < tok.vocab_size for t in prompt + chosen + rejected):
+            raise UserError(f"{where}: its tokens are not all ids of the {tok.vocab_size}-token vocabulary")
+    elif all(isinstance(row.get(k), str) for k in keys):
+        prompt = instruct_prompt(tok, row["prompt"])
+        chosen, rejected = (tok.encode(row[k], bos=False, eos=True) for k in ("chosen", "rejected"))
+    else:
+        raise UserError(f"{where}: a preference needs \"prompt\", \"chosen\" and \"rejected\" texts")
+    if not prompt or not chosen or not rejected:
+        raise UserError(f"{where}: an empty prompt or story")
+    if len(prompt) + max(len(chosen), len(rejected)) > max_len:
+        raise UserError(f"{where}: {len(prompt) + max(len(chosen), len(rejected))} tokens exceed the model's "
+                        f"max_seq_len={max_len}")
+    return {"chosen": prompt + chosen, "rejected": prompt + rejected, "tie": bool(row.get("tie", False))}
+
+
+def split_pairs(pairs, val_fraction, path="the preference file"):
+    """(train, val): every round(1 / val_fraction)-th pair is held out."""
+    if not 0 < val_fraction < 1:
+        raise UserError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
+    every = max(2, round(1 / val_fraction))
+    train, val = [p for i, p in enumerate(pairs) if i % every], pairs[::every]
+    if not train:
+        raise UserError(f"{path} has {len(pairs)} pair(s): too few to hold some out; label more")
+    return train, val
+
+
+def preference_batch(pairs):
+    """(tokens (2B, T) right-padded: the chosen sequences, then the rejected; index of each last token; tie (B,))."""
+    tokens, last = pad_right([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
+    return tokens, last, torch.tensor([p["tie"] for p in pairs])
+
+
+class PreferenceBatches:
+    """Batches of preference pairs, each epoch in a new order; batch i depends only on (seed, rank, i)."""
+
+    def __init__(self, pairs, batch_size, seed=0, rank=0):
+        self.pairs, self.batch_size, self.seed, self.rank = pairs, batch_size, seed, rank
+        self.next_batch = 0
+        self._order = (None, None)
+
+    def _pair_at(self, position):
+        epoch, i = divmod(position, len(self.pairs))
+        if self._order[0] != epoch:
+            rng = np.random.default_rng([self.seed % 2 ** 63, self.rank, epoch])
+            self._order = (epoch, rng.permutation(len(self.pairs)))
+        return self.pairs[self._order[1][i]]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        first = self.next_batch * self.batch_size
+        self.next_batch += 1
+        return preference_batch([self._pair_at(p) for p in range(first, first + self.batch_size)])
+
+    def state_dict(self):
+        return {"next_batch": self.next_batch}
+
+    def load_state_dict(self, state):
+        self.next_batch = int(state["next_batch"])
+
+
+def preference_loss(scores, tie):
+    """Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) (a tie: the loss of a 50:50 preference), and how
+    many of the decided pairs are ranked right, of how many. scores: the chosen rows' scores, then the rejected."""
+    chosen, rejected = scores.float().chunk(2)
+    margin = chosen - rejected
+    loss = torch.where(tie, -0.5 * (F.logsigmoid(margin) + F.logsigmoid(-margin)), -F.logsigmoid(margin)).mean()
+    return loss, int(((margin > 0) & ~tie).sum()), int((~tie).sum())
+
+
+@torch.no_grad()
+def evaluate_preferences(model, pairs, batch_size, ctx=nullcontext()):
+    """Mean Bradley-Terry loss and accuracy (share of decided pairs ranked right) of a reward model on pairs."""
+    model.eval()
+    total, right, decided = 0.0, 0, 0
+    for start in range(0, len(pairs), batch_size):
+        tokens, last, tie = (t.to(device_of(model)) for t in preference_batch(pairs[start:start + batch_size]))
+        with ctx:
+            _, scores = model(tokens, last[:, None], logits=False)
+        loss, r, d = preference_loss(scores[:, 0], tie)
+        total += loss.item() * len(tie)
+        right, decided = right + r, decided + d
+    return {"val_loss": total / len(pairs), "val_accuracy": right / decided if decided else float("nan")}
+
+
+# ----------------------------------------------------------------------------- people in the loop
+
+def answered(path):
+    """The index of the next pair to show: one past the last answer in the preference file (0 when none).
+
+    A last line cut short by a crash never held a whole answer: it is dropped, with a note."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[cut:])
+            with open(path, "ab") as f:  # whole, only its newline missing
+                f.write(b"\n")
+        except ValueError:
+            with open(path, "r+b") as f:
+                f.truncate(cut)
+            print(f"note: dropped an unfinished last line of {path}", file=sys.stderr)
+    next_index = 0
+    for n, row in json_lines(path):
+        next_index = max(next_index, int(row.get("index", n - 1)) + 1 if isinstance(row, dict) else n)
+    return next_index
+
+
+def side_by_side(left, right, width):
+    """Two texts in columns of the terminal's width."""
+    col = max(20, (width - 3) // 2)
+
+    def wrap(text):
+        return [line for para in text.split("\n") for line in (textwrap.wrap(para, col) or [""])]
+    a, b = wrap(left), wrap(right)
+    a += [""] * (len(b) - len(a))
+    b += [""] * (len(a) - len(b))
+    return "\n".join(f"{x:<{col}} | {y}" for x, y in zip(a, b))
+
+
+def ask(index, prompt, stories, read, write):
+    """Show a pair and return the person's answer: a, b, tie, skip or quit (quit also at the end of input)."""
+    width = shutil.get_terminal_size((100, 24)).columns
+    write.write(f"\n=== pair {index} === {prompt}\n")
+    write.write(side_by_side(*(f"[{k}] {s}" for k, s in zip("ab", stories)), width) + "\n")
+    while True:
+        write.write("better story? a / b / t(ie) / s(kip) / q(uit): ")
+        write.flush()
+        line = read.readline()
+        if not line:
+            write.write("\n")
+            return "quit"
+        answer = ANSWERS.get(line.strip().lower()[:1])
+        if answer:
+            return answer
+
+
+def label(model, tok, stream, path, max_new_tokens, stop_tokens, num_pairs=0, auto_reward=None, seed=0,
+          chunk=25, read=None, write=None, ctx=nullcontext()):
+    """Show pairs of stories for one prompt and append each answer to path at once, flushed to disk; resumes at
+    the pair after the file's last answer. Pair k's prompt and stories depend only on (seed, k) (with auto_reward,
+    on the chunk of pairs drawn together). auto_reward(prompts, responses) answers instead of a person, who
+    otherwise answers on read (stdin) to what is shown on write (stdout). Returns the number of answers written."""
+    read, write = read or sys.stdin, write or sys.stdout
+    index = answered(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    written = 0
+    with open(path, "a", encoding="utf-8") as f:
+        while not num_pairs or index < num_pairs:
+            n = chunk if auto_reward else 1
+            n = min(n, num_pairs - index) if num_pairs else n
+            batch = []
+            for k in range(index, index + n):
+                stream.load_state_dict({"next_batch": k})
+                batch.append(next(stream)[0])
+            queries = [p["tokens"] for p in batch for _ in range(2)]
+            generator = torch.Generator(device=model.rope_cos.device).manual_seed(seed * 1_000_003 + index)
+            responses = rollout(model, queries, max_new_tokens, stop_tokens, generator=generator, ctx=ctx)
+            if auto_reward:
+                scores = auto_reward([p for p in batch for _ in range(2)], responses)[0].view(-1, 2)
+                answers = ["a" if a > b else "b" if b > a else "tie" for a, b in scores.tolist()]
+            for k, p in enumerate(batch):
+                pair = responses[2 * k:2 * k + 2]
+                stories = [tok.decode(story_tokens(r, stop_tokens)) + ("" if r[-1] in stop_tokens else " [cut off]")
+                           for r in pair]
+                answer = answers[k] if auto_reward else ask(index, prompt_text(p, tok), stories, read, write)
+                if answer == "quit":
+                    return written
+                f.write(json.dumps(preference_row(index, p, pair, answer, tok, stop_tokens)) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                index, written = index + 1, written + 1
+    return written
+
+
+def preference_row(index, prompt, pair, answer, tok, stop_tokens):
+    """The JSON line of one answer: texts for people, tokens for the reward model."""
+    row = {"index": index, "prompt": prompt_text(prompt, tok)}
+    if answer == "skip":
+        return {**row, "skipped": True}
+    chosen, rejected = pair if answer in ("a", "tie") else pair[::-1]
+    row.update(chosen=tok.decode(story_tokens(chosen, stop_tokens)),
+               rejected=tok.decode(story_tokens(rejected, stop_tokens)),
+               prompt_tokens=list(prompt["tokens"]), chosen_tokens=list(chosen), rejected_tokens=list(rejected))
+    if answer == "tie":
+        row["tie"] = True
+    return row
+
+
+# ----------------------------------------------------------------------------- command line
+
+@cli
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        raise UserError(f"say what to do: python ppo.py {'|'.join(SUBCOMMANDS)} --checkpoint=... [--key=value ...]")
+    command = argv.pop(0)
+    if command not in SUBCOMMANDS:
+        raise UserError(f"unknown subcommand {command!r}: use one of {', '.join(SUBCOMMANDS)}")
+    configure(globals(), argv)
+    if not checkpoint:
+        raise UserError("say which model writes the stories: --checkpoint=out-sft/ckpt.pt")
+    if max_new_tokens < 1 or batch_size < 1 or num_prompts < 1 or num_pairs < 0:
+        raise UserError("--max_new_tokens, --batch_size and --num_prompts must be positive, --num_pairs not negative")
+    from sample import load_tokenizer
+    model, ckpt = load_model(checkpoint, merge=True)
+    model = frozen(model.to(device))
+    tok = load_tokenizer(ckpt, "", model.args.vocab_size)
+    kind = default_prompts(ckpt) if prompts == "auto" else prompts
+    data_vocab = 0 if (ckpt.get("config") or {}).get("vocab_source") == "llama2" else model.args.vocab_size
+    stops = (tok.bos_id, tok.eos_id)
+    if command == "label":
+        if not out:
+            raise UserError("say where the answers go: --out=data/prefs.jsonl")
+        stream = PromptStream(kind, "train", 1, data_vocab, start_len, seed, data_dir=data_dir)
+        sha = (ckpt.get("tokenizer") or {}).get("sha256")
+        auto_reward = make_reward(auto, tok, kind, target_len, stops, model.args.max_seq_len, sha) if auto else None
+        if not auto:
+            print(f"labelling {out}: for each pair, say which story is better (answers are saved at once)")
+        written = label(model, tok, stream, out, max_new_tokens, stops, num_pairs, auto_reward, seed)
+        print(f"{written} answer(s) appended to {out}; it now reaches pair {answered(out)}")
+        return
+    score = make_reward(reward, tok, kind, target_len, stops, model.args.max_seq_len,
+                        (ckpt.get("tokenizer") or {}).get("sha256"))
+    stream = PromptStream(kind, "val", batch_size, data_vocab, start_len, seed, data_dir=data_dir)
+    batches = [next(stream) for _ in range(-(-num_prompts // batch_size))]
+    batches[-1] = batches[-1][:num_prompts - batch_size * (len(batches) - 1)]
+    result, samples = evaluate_policy(model, tok, batches, score, max_new_tokens, stops, seed)
+    print(f"{checkpoint}: {num_prompts} held-out {kind} prompts | reward {reward}: {result['score']:.4f} | "
+          f"length {result['length']:.1f} | ended {result['ended']:.1%}"
+          + (f" | all words used {result['all_words']:.1%}" if "all_words" in result else ""))
+    for prompt, story in samples[:show]:
+        print(f"--- {prompt}\n{story}")
+
+
+if __name__ == "__main__":
+    main()

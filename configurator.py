@@ -128,3 +128,16 @@ def configure(namespace, argv=None):
                 raise UserError(f"unknown setting --{key}{_nearest(key, keys)}")
             namespace[key] = changed[key] = _parse_value(key, raw, keys[key])
     return changed
+
+
+def configure_subcommand(namespace, subcommands, argv=None):
+    """For `python script.py COMMAND --k=v ...`: check COMMAND, configure the rest, return COMMAND."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script = os.path.basename(namespace.get("__file__", "script.py"))
+    if not argv or argv[0].startswith("-"):
+        raise UserError(f"say what to do: python {script} {'|'.join(subcommands)} [--key=value ...]")
+    command = argv.pop(0)
+    if command not in subcommands:
+        raise UserError(f"unknown subcommand {command!r}: use one of {', '.join(subcommands)}")
+    configure(namespace, argv)
+    return command

@@ -213,7 +213,8 @@ def build(record):
 def run_c(binary, model_bin, tok_bin, *flags):
     """run's text and its tok/s (from its stderr line "achieved tok/s: X"; None when it printed none)."""
     done = subprocess.run([binary, model_bin, "-z", tok_bin, "-t", str(temperature), "-s", str(seed),
-                           "-n", str(run_steps), *flags], capture_output=True, text=True, timeout=600,
+                           "-n", str(run_steps), *flags], capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS=str(run_threads)))
     if done.returncode != 0:
         raise UserError(f"{binary} {model_bin} failed: {done.stderr.strip()}")
@@ -298,6 +299,7 @@ def summarize(record, shown, run_target, tok_model, tok_bin, curves):
         "ppo_reward": ppo_config["reward"], "ppo_held_out_prompts": held_out,
         "reward_before": before["val_score"], "reward_after": after["val_score"],
         "all_words_before": before.get("val_all_words"), "all_words_after": after.get("val_all_words"),
+        "word_share_before": before.get("val_word_share"), "word_share_after": after.get("val_word_share"),
         "run_build": run_target, "run_tok_per_s": shown["tok_per_s"],
         "stage_seconds": {s: record[s].get("seconds") for s in STAGES},
         "stage_cpu_seconds": {s: record[s].get("cpu_seconds") for s in STAGES},
@@ -321,7 +323,8 @@ def summarize(record, shown, run_target, tok_model, tok_bin, curves):
     print(f"PPO           mean reward ({summary['ppo_reward']}) on {held_out} held-out prompts: "
           f"{summary['reward_before']:.3f} before, {summary['reward_after']:.3f} after {after['iter']} iterations")
     print(f"              stories using all three required words: {share(summary['all_words_before'])} before, "
-          f"{share(summary['all_words_after'])} after")
+          f"{share(summary['all_words_after'])} after; required words used: {share(summary['word_share_before'])} "
+          f"before, {share(summary['word_share_after'])} after")
     print(f"run ({run_target})  fp32 {speed(shown['tok_per_s']['fp32'])}, int8 {speed(shown['tok_per_s']['int8'])}"
           " (pretrained model, median of runs)")
     print("seconds       " + ", ".join(f"{s} {record[s]['seconds']:.0f}" for s in STAGES)

@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tinystories
-from configurator import UserError, atomic_output, cli, configure
+from configurator import UserError, atomic_output, cli, configure_subcommand
 from model import load_model, model_from_checkpoint, read_checkpoint
 from tokenizer import Tokenizer, instruct_prompt
 
@@ -559,10 +559,10 @@ def ppo_iteration(model, reference, prompts, reward, kl_ctl, cfg, update, stop_t
 @torch.no_grad()
 def evaluate_policy(model, tok, batches, reward, max_new_tokens, stop_tokens, seed=0, ctx=nullcontext()):
     """Mean score, length and ended share of the model's stories for the prompt batches (and, for instruct
-    prompts, the share using all their words), drawn at temperature 1 from a fixed seed so that evaluations
+    prompts, the share using all their words and the mean share of words used), drawn at temperature 1 from a fixed seed so that evaluations
     compare; and the (prompt, story) texts."""
     generator = torch.Generator(device=model.rope_cos.device).manual_seed(seed)
-    scores, lengths, ended, all_words, samples = [], [], [], [], []
+    scores, lengths, ended, all_words, word_share, samples = [], [], [], [], [], []
     for batch in batches:
         responses = rollout(model, [p["tokens"] for p in batch], max_new_tokens, stop_tokens, generator=generator,
                             ctx=ctx)
@@ -572,11 +572,14 @@ def evaluate_policy(model, tok, batches, reward, max_new_tokens, stop_tokens, se
             lengths.append(len(p["tokens"]) + len(story_tokens(r, stop_tokens)))
             ended.append(r[-1] in stop_tokens)
             if p["words"]:
-                all_words.append(all(uses_word(story, w) for w in p["words"]))
+                used = [uses_word(story, w) for w in p["words"]]
+                all_words.append(all(used))
+                word_share.append(np.mean(used))
             samples.append((prompt_text(p, tok), story))
     result = {"score": float(np.mean(scores)), "length": float(np.mean(lengths)), "ended": float(np.mean(ended))}
     if all_words:
         result["all_words"] = float(np.mean(all_words))
+        result["word_share"] = float(np.mean(word_share))
     return result, samples
 
 
@@ -820,13 +823,7 @@ def preference_row(index, prompt, pair, answer, tok, stop_tokens):
 
 @cli
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-"):
-        raise UserError(f"say what to do: python ppo.py {'|'.join(SUBCOMMANDS)} --checkpoint=... [--key=value ...]")
-    command = argv.pop(0)
-    if command not in SUBCOMMANDS:
-        raise UserError(f"unknown subcommand {command!r}: use one of {', '.join(SUBCOMMANDS)}")
-    configure(globals(), argv)
+    command = configure_subcommand(globals(), SUBCOMMANDS, argv)
     if not checkpoint:
         raise UserError("say which model writes the stories: --checkpoint=out-sft/ckpt.pt")
     if max_new_tokens < 1 or batch_size < 1 or num_prompts < 1 or num_pairs < 0:
@@ -857,7 +854,8 @@ def main(argv=None):
     result, samples = evaluate_policy(model, tok, batches, score, max_new_tokens, stops, seed)
     print(f"{checkpoint}: {num_prompts} held-out {kind} prompts | reward {reward}: {result['score']:.4f} | "
           f"length {result['length']:.1f} | ended {result['ended']:.1%}"
-          + (f" | all words used {result['all_words']:.1%}" if "all_words" in result else ""))
+          + (f" | all words used {result['all_words']:.1%} | words used {result['word_share']:.1%}"
+             if "all_words" in result else ""))
     for prompt, story in samples[:show]:
         print(f"--- {prompt}\n{story}")
 

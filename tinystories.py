@@ -40,7 +40,7 @@ import requests
 import sentencepiece as spm
 from tqdm import tqdm
 
-from configurator import UserError, atomic_output, cli, configure
+from configurator import UserError, atomic_output, cli, configure_subcommand
 from story_corpus import write_corpus
 from tokenizer import Tokenizer, instruct_example
 
@@ -665,13 +665,7 @@ def instruct_examples(split, vocab_size, data_dir=DATA_DIR):
 
 @cli
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-"):
-        raise UserError(f"say what to do: python tinystories.py {'|'.join(SUBCOMMANDS)} [--key=value ...]")
-    command = argv.pop(0)
-    if command not in SUBCOMMANDS:
-        raise UserError(f"unknown subcommand {command!r}: use one of {', '.join(SUBCOMMANDS)}")
-    configure(globals(), argv)
+    command = configure_subcommand(globals(), SUBCOMMANDS, argv)
     if command == "download":
         download(url, data_dir, retries)
     elif command == "builtin":

@@ -5,7 +5,7 @@ num_shards = 10  # 20,000 stories, 7.3M tokens; corpus, vocabulary and shards: a
 stories_per_shard = 2000
 vocab_size = 512
 # the stories260K shape (train.py's defaults), 8,192 tokens per iteration
-pretrain_args = ("--max_iters=300 --batch_size=16 --max_seq_len=512 --learning_rate=2e-3 --warmup_iters=30 "
+pretrain_args = ("--max_iters=300 --batch_size=16 --max_seq_len=512 --learning_rate=5e-3 --warmup_iters=30 "
                  "--eval_interval=100 --eval_iters=8 --log_interval=10")
 sft_args = ("--max_iters=100 --batch_size=8 --learning_rate=1e-3 --warmup_iters=10 --eval_interval=50 --eval_iters=8 "
             "--log_interval=10")

@@ -6,6 +6,16 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--multiple_of=8"]  # a model of seconds
+
+
+def pretrain_tiny(data_dir, out_dir, max_seq_len, max_iters, eval_every, eval_iters):
+    """train.py on the plain shards of data_dir with a TINY model; returns out_dir."""
+    import train
+    train.main([*TINY, f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--batch_size=8",
+                f"--max_seq_len={max_seq_len}", f"--max_iters={max_iters}", f"--eval_interval={eval_every}",
+                f"--eval_iters={eval_iters}", "--log_interval=20", "--learning_rate=3e-3", "--warmup_iters=20"])
+    return out_dir
 
 
 @pytest.fixture

@@ -12,12 +12,11 @@ import torch
 import ppo
 import tinystories
 import train
-from conftest import ROOT
+from conftest import ROOT, TINY, pretrain_tiny
 from configurator import UserError
 from model import ModelArgs, Transformer, load_model, read_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
 
-TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--multiple_of=8"]
 # PPO at toy scale: 8 stories of up to 24 tokens per iteration, 2 epochs of minibatches of 4
 SMALL_PPO = ["--rollouts=8", "--batch_size=4", "--max_new_tokens=24", "--ppo_epochs=2", "--start_len=8",
              "--target_len=20", "--eval_iters=1", "--learning_rate=1e-3"]
@@ -34,10 +33,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def pretrained(story_data, tmp_path_factory):
     """A tiny model pretrained on the plain shards, with room for prompts and responses."""
-    out = str(tmp_path_factory.mktemp("ppo_pretrain"))
-    train.main([*TINY, f"--data_dir={story_data}", f"--out_dir={out}", "--batch_size=8", "--max_seq_len=128",
-                "--max_iters=150", "--eval_interval=150", "--eval_iters=2", "--log_interval=50",
-                "--learning_rate=3e-3", "--warmup_iters=20"])
+    out = pretrain_tiny(story_data, str(tmp_path_factory.mktemp("ppo_pretrain")), max_seq_len=128, max_iters=150,
+                        eval_every=150, eval_iters=2)
     return os.path.join(out, "ckpt.pt")
 
 

@@ -12,11 +12,10 @@ import torch.nn.functional as F
 
 import tinystories
 import train
-from conftest import ROOT
+from conftest import ROOT, TINY, pretrain_tiny
 from model import load_model, read_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
 
-TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--multiple_of=8"]
 CONTRACT = {"model", "model_args", "config", "mode", "iter_num", "best_val_loss", "optimizer", "rng", "data_state",
             "tokenizer", "eos", "lora"}
 
@@ -44,11 +43,8 @@ def sft_seq_len(data_dir):
 
 @pytest.fixture(scope="module")
 def pretrained(story_data, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("pretrain"))
-    train.main([*TINY, f"--data_dir={story_data}", f"--out_dir={out}", "--batch_size=8", "--max_seq_len=64",
-                "--max_iters=200", "--eval_interval=100", "--eval_iters=4", "--log_interval=20",
-                "--learning_rate=3e-3", "--warmup_iters=20"])
-    return out
+    return pretrain_tiny(story_data, str(tmp_path_factory.mktemp("pretrain")), max_seq_len=64, max_iters=200,
+                         eval_every=100, eval_iters=4)
 
 
 @pytest.fixture(scope="module")

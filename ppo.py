@@ -462,12 +462,13 @@ def ppo_loss(logp, values, old_logp, old_values, advantages, returns, mask, clip
 
 @dataclass
 class PPOSettings:
-    """PPO's hyperparameters (train.py's settings of the same names); defaults are the PPO fork's."""
+    """PPO's hyperparameters (train.py's settings of the same names); defaults are the PPO fork's but for lam
+    (1.0, not 0.95: train.py says why)."""
     max_new_tokens: int = 300
     batch_size: int = 50  # the minibatch
     ppo_epochs: int = 4
     gamma: float = 1.0
-    lam: float = 0.95
+    lam: float = 1.0
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1

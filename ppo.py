@@ -665,14 +665,10 @@ class PreferenceBatches:
     def __init__(self, pairs, batch_size, seed=0, rank=0):
         self.pairs, self.batch_size, self.seed, self.rank = pairs, batch_size, seed, rank
         self.next_batch = 0
-        self._order = (None, None)
+        self._order = tinystories.EpochOrder(len(pairs), seed, rank)
 
     def _pair_at(self, position):
-        epoch, i = divmod(position, len(self.pairs))
-        if self._order[0] != epoch:
-            rng = np.random.default_rng([self.seed % 2 ** 63, self.rank, epoch])
-            self._order = (epoch, rng.permutation(len(self.pairs)))
-        return self.pairs[self._order[1][i]]
+        return self.pairs[self._order[position]]
 
     def __iter__(self):
         return self

@@ -588,6 +588,21 @@ class PretrainBatches:
         self.next_batch = int(state["next_batch"])
 
 
+class EpochOrder:
+    """Positions 0, 1, 2, ... over n items, each epoch in its own order drawn from (seed, rank, epoch)."""
+
+    def __init__(self, n, seed, rank):
+        self.n, self.seed, self.rank = n, seed, rank
+        self._epoch, self._permutation = None, None
+
+    def __getitem__(self, position):
+        epoch, i = divmod(position, self.n)
+        if self._epoch != epoch:
+            rng = np.random.default_rng([self.seed % 2 ** 63, self.rank, epoch])
+            self._epoch, self._permutation = epoch, rng.permutation(self.n)
+        return self._permutation[i]
+
+
 class InstructBatches:
     """Batches of whole instruct examples (prompt + BOS + story + EOS), padded to the longest in the batch
     (at most max_seq_len; longer examples truncated); y is -1 on the prompt and on padding (x there is EOS).
@@ -612,14 +627,10 @@ class InstructBatches:
         self.pad_id = meta["eos_id"]
         self.batch_size, self.max_seq_len, self.seed, self.rank = batch_size, max_seq_len, seed, rank
         self.next_batch = 0
-        self._order = (None, None)  # (epoch, permutation) last used
+        self._order = EpochOrder(len(self.examples), seed, rank)
 
     def _example_at(self, position):
-        epoch, i = divmod(position, len(self.examples))
-        if self._order[0] != epoch:
-            rng = np.random.default_rng([self.seed % 2 ** 63, self.rank, epoch])
-            self._order = (epoch, rng.permutation(len(self.examples)))
-        return self.examples[self._order[1][i]]
+        return self.examples[self._order[position]]
 
     def __iter__(self):
         return self

@@ -23,11 +23,8 @@ SMALL_PPO = ["--rollouts=8", "--batch_size=4", "--max_new_tokens=24", "--ppo_epo
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Every test here on one torch thread (conftest's one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")

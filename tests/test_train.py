@@ -21,12 +21,8 @@ CONTRACT = {"model", "model_args", "config", "mode", "iter_num", "best_val_loss"
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models gain nothing from a second thread, and lose much when the machine is busy
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Every test here on one torch thread (conftest's one_torch_thread)."""
 
 
 def metrics(out_dir):

@@ -109,7 +109,7 @@ def default_prompts(ckpt):
     return chosen if chosen in ("plain", "instruct") else "plain"
 
 
-class PromptStream:
+class PromptStream(tinystories.BatchStream):
     """Rollout prompts, batch i depending only on (seed, rank, i), so a resumed run continues the stream.
 
     kind "plain": BOS + 1..start_len tokens of a story of the pretraining shards; "instruct": an instruct prompt
@@ -142,12 +142,8 @@ class PromptStream:
         self.count, self.batch_size, self.seed, self.rank = count, batch_size, seed, rank
         self.next_batch = 0
 
-    def __iter__(self):
-        return self
-
     def __next__(self):
-        rng = np.random.default_rng([self.seed % 2 ** 63, self.rank, self.next_batch])
-        self.next_batch += 1
+        rng = self.batch_rng()
         picks = rng.integers(0, self.count, size=self.batch_size)
         if self.kind == "instruct":
             return [self.examples[i] for i in picks]
@@ -161,12 +157,6 @@ class PromptStream:
             batch.append({"tokens": shard[starts[i]:min(starts[i] + 1 + n, end)].tolist(), "words": None,
                           "instruction": None})
         return batch
-
-    def state_dict(self):
-        return {"next_batch": self.next_batch}
-
-    def load_state_dict(self, state):
-        self.next_batch = int(state["next_batch"])
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -659,7 +649,7 @@ def preference_batch(pairs):
     return tokens, last, torch.tensor([p["tie"] for p in pairs])
 
 
-class PreferenceBatches:
+class PreferenceBatches(tinystories.BatchStream):
     """Batches of preference pairs, each epoch in a new order; batch i depends only on (seed, rank, i)."""
 
     def __init__(self, pairs, batch_size, seed=0, rank=0):
@@ -670,19 +660,10 @@ class PreferenceBatches:
     def _pair_at(self, position):
         return self.pairs[self._order[position]]
 
-    def __iter__(self):
-        return self
-
     def __next__(self):
         first = self.next_batch * self.batch_size
         self.next_batch += 1
         return preference_batch([self._pair_at(p) for p in range(first, first + self.batch_size)])
-
-    def state_dict(self):
-        return {"next_batch": self.next_batch}
-
-    def load_state_dict(self, state):
-        self.next_batch = int(state["next_batch"])
 
 
 def preference_loss(scores, tie):

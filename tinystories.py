@@ -549,7 +549,27 @@ def load_shard(vocab_size, index, data_dir=DATA_DIR):
     return _open(os.path.join(pretok_dir(vocab_size, False, data_dir), name + ".bin"), meta["dtype"])
 
 
-class PretrainBatches:
+class BatchStream:
+    """An endless batch iterator whose batch i depends only on (seed, rank, i): its state is next_batch."""
+    next_batch = 0
+
+    def __iter__(self):
+        return self
+
+    def batch_rng(self):
+        """The generator of the next batch (and a step forward)."""
+        rng = np.random.default_rng([self.seed % 2 ** 63, self.rank, self.next_batch])
+        self.next_batch += 1
+        return rng
+
+    def state_dict(self):
+        return {"next_batch": self.next_batch}
+
+    def load_state_dict(self, state):
+        self.next_batch = int(state["next_batch"])
+
+
+class PretrainBatches(BatchStream):
     """(x, y) batches of random max_seq_len+1 windows from memory-mapped shards; batch i depends only on
     (seed, rank, i), so a resumed run continues the stream. split "train" = shards 1.., "val" = shard 0."""
 
@@ -568,24 +588,14 @@ class PretrainBatches:
         self.batch_size, self.max_seq_len, self.seed, self.rank = batch_size, max_seq_len, seed, rank
         self.next_batch = 0
 
-    def __iter__(self):
-        return self
-
     def __next__(self):
-        rng = np.random.default_rng([self.seed % 2 ** 63, self.rank, self.next_batch])
-        self.next_batch += 1
+        rng = self.batch_rng()
         picks = rng.integers(0, self.ends[-1], size=self.batch_size)
         shards = np.searchsorted(self.ends, picks, side="right")
         starts = picks - self.firsts[shards]
         windows = np.stack([self.shards[k][i:i + self.max_seq_len + 1] for k, i in zip(shards, starts)])
         windows = windows.astype(np.int64)
         return _tensors(windows[:, :-1], windows[:, 1:])
-
-    def state_dict(self):
-        return {"next_batch": self.next_batch}
-
-    def load_state_dict(self, state):
-        self.next_batch = int(state["next_batch"])
 
 
 class EpochOrder:
@@ -603,7 +613,7 @@ class EpochOrder:
         return self._permutation[i]
 
 
-class InstructBatches:
+class InstructBatches(BatchStream):
     """Batches of whole instruct examples (prompt + BOS + story + EOS), padded to the longest in the batch
     (at most max_seq_len; longer examples truncated); y is -1 on the prompt and on padding (x there is EOS).
     Same determinism: batch i depends only on (seed, rank, i); each epoch visits the examples in a new order."""
@@ -632,9 +642,6 @@ class InstructBatches:
     def _example_at(self, position):
         return self.examples[self._order[position]]
 
-    def __iter__(self):
-        return self
-
     def __next__(self):
         first = self.next_batch * self.batch_size
         self.next_batch += 1
@@ -648,12 +655,6 @@ class InstructBatches:
             x[row, :len(t) - 1] = t[:-1]
             y[row, prompt_len - 1:len(t) - 1] = t[prompt_len:]  # y[j] is the label of token j+1
         return _tensors(x, y)
-
-    def state_dict(self):
-        return {"next_batch": self.next_batch}
-
-    def load_state_dict(self, state):
-        self.next_batch = int(state["next_batch"])
 
 
 def instruct_examples(split, vocab_size, data_dir=DATA_DIR):

@@ -17,12 +17,11 @@ Files, under data_dir (default data/):
   tokenizer.instruct_example), same dtype; dataNN.idx: int64 rows (start, prompt_len, length) in tokens, one per
   example, where the prompt's prompt_len tokens end with that BOS and are masked (-1) in the labels;
   dataNN.json: a JSON list, one {"instruction", "words", "features", "summary"} per example.
-- meta.json beside each set of shards: vocab_size (the tokenizer's), tokenizer (its path), tokenizer_sha256,
+- meta.json beside each set of shards: vocab_size (the tokenizer's), tokenizer (its path), tokenizer_sha256 (of its vocabulary),
   eos, instruct, prompt_style, dtype, bos_id, eos_id, num_shards, num_tokens, and "shards": one entry per
   shard in order {"name", "source" (its file in TinyStories_all_data/), "source_size", "source_mtime_ns",
   "stories", "tokens"}. It is written last: a folder without it is not finished.
 """
-import hashlib
 import itertools
 import json
 import os
@@ -407,11 +406,6 @@ def _pretokenize_shard(job):
     return {**job["entry"], "stories": len(records), "tokens": int(tokens.size)}
 
 
-def _sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def _outputs_exist(out_dir, entry, instruct, itemsize):
     base = os.path.join(out_dir, entry["name"])
     ok = os.path.exists(base + ".bin") and os.path.getsize(base + ".bin") == entry["tokens"] * itemsize
@@ -443,7 +437,7 @@ def pretokenize(vocab_size, tokenizer_model="", eos=False, instruct=False, promp
     dtype = _dtype_for(tok.vocab_size)
     out_dir = pretok_dir(vocab_size, instruct, data_dir)
     os.makedirs(out_dir, exist_ok=True)
-    meta = {"vocab_size": tok.vocab_size, "tokenizer": model_path, "tokenizer_sha256": _sha256(model_path),
+    meta = {"vocab_size": tok.vocab_size, "tokenizer": model_path, "tokenizer_sha256": tok.vocab_sha256(),
             "eos": bool(eos or instruct), "instruct": bool(instruct),
             "prompt_style": prompt_style if instruct else None, "dtype": np.dtype(dtype).name,
             "bos_id": tok.bos_id, "eos_id": tok.eos_id}

@@ -2,6 +2,7 @@
 
     python tokenizer.py --tokenizer-model=data/tok512.model      # writes data/tok512.bin
 """
+import hashlib
 import os
 import struct
 
@@ -38,6 +39,15 @@ class Tokenizer:
         batch = self.sp.encode(list(texts), num_threads=num_threads)
         head, tail = [self.bos_id] if bos else [], [self.eos_id] if eos else []
         return [head + ids + tail for ids in batch]
+
+    def vocab_sha256(self):
+        """A hash of the vocabulary (pieces, scores, types): equal for two trainings of the same vocabulary, whose
+        files differ (a model file also records where its training text was)."""
+        h = hashlib.sha256()
+        for i in range(self.vocab_size):
+            kind = 1 if self.sp.is_control(i) else 2 if self.sp.is_unknown(i) else 3 if self.sp.is_byte(i) else 0
+            h.update(self.sp.id_to_piece(i).encode() + struct.pack("<fB", self.sp.get_score(i), kind))
+        return h.hexdigest()
 
     def decode(self, ids):
         return self.sp.decode([int(i) for i in ids])

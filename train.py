@@ -339,8 +339,9 @@ def check_tokenizer(meta, ckpt, path):
         raise UserError(f"{path} was trained with a {recorded['vocab_size']}-token tokenizer but the data uses "
                         f"{meta['vocab_size']} tokens")
     if recorded.get("sha256") and meta.get("tokenizer_sha256") and recorded["sha256"] != meta["tokenizer_sha256"]:
-        raise UserError(f"{path} was trained with tokenizer {recorded.get('path')} but the data was tokenized "
-                        f"with {meta['tokenizer']}, another vocabulary; pretokenize with the checkpoint's tokenizer")
+        raise UserError(f"{path} was trained with the vocabulary of {recorded.get('path')} as it was then, but "
+                        f"the data was tokenized with another vocabulary ({meta['tokenizer']}); pretokenize with "
+                        "the checkpoint's tokenizer")
 
 
 # ----------------------------------------------------------------------------- model

@@ -280,6 +280,19 @@ def test_train_vocab_too_small_is_one_line(data, tmp_path):
         ts.train_vocab(0, data_dir=data)
 
 
+def test_retrained_vocabulary_has_the_same_hash_and_data_stays_usable(data, tok, tmp_path):
+    # a model file records where its training text was, so two trainings differ as files but not as vocabularies
+    again = copy_of(data, tmp_path)
+    ts.train_vocab(VOCAB, data_dir=again)
+    retrained = Tokenizer(ts.tokenizer_path(VOCAB, again))
+    with open(tok.model_path, "rb") as a, open(retrained.model_path, "rb") as b:
+        assert a.read() != b.read()
+    assert retrained.vocab_sha256() == tok.vocab_sha256()
+    assert ts.read_meta(VOCAB, data_dir=data)["tokenizer_sha256"] == tok.vocab_sha256()
+    ts.train_vocab(640, data_dir=again)
+    assert Tokenizer(ts.tokenizer_path(640, again)).vocab_sha256() != tok.vocab_sha256()
+
+
 # -----------------------------------------------------------------------------
 # pretokenize: plain
 

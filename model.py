@@ -2,6 +2,7 @@
 import inspect
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -305,6 +306,21 @@ class Transformer(nn.Module):
         if not peak_flops:
             return None
         return self.flops_per_token(seq_len) * tokens_per_s / peak_flops
+
+
+def without_stop(row, stop_tokens):
+    """A row generate returned, without the stop token it ended on (if it stopped)."""
+    return row[:-1] if row and row[-1] in stop_tokens else row
+
+
+AUTOCAST_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_context(device, dtype_name):
+    """Mixed precision for a dtype setting (float32: none) on device ("cpu", "cuda:1", ...)."""
+    if dtype_name == "float32":
+        return nullcontext()
+    return torch.autocast(device.split(":")[0], dtype=AUTOCAST_DTYPES[dtype_name])
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -42,9 +42,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tinystories
-from configurator import UserError, atomic_output, cli, configure_subcommand
-from model import load_model, model_from_checkpoint, read_checkpoint
-from tokenizer import Tokenizer, instruct_prompt
+from configurator import UserError, cli, configure_subcommand
+from model import load_model, model_from_checkpoint, read_checkpoint, without_stop
+from tokenizer import instruct_prompt
 
 # -----------------------------------------------------------------------------
 # settings of `python ppo.py label|eval` (PPO and the reward model train through train.py)
@@ -170,11 +170,6 @@ def rollout(model, queries, max_new_tokens, stop_tokens, temperature=1.0, genera
                               generator=generator)
 
 
-def story_tokens(response, stop_tokens):
-    """A response without its stop token."""
-    return response[:-1] if response and response[-1] in stop_tokens else response
-
-
 @dataclass
 class Rollouts:
     """Queries and responses packed for the model: tokens (N, L) is each query + response without its last
@@ -262,7 +257,7 @@ def parse_reward(spec):
 
 def length_score(query, response, stop_tokens, target):
     """The PPO fork's reward: -|target - len(query + response)| / 100, not counting the stop token."""
-    return -abs(target - len(query) - len(story_tokens(response, stop_tokens))) / 100
+    return -abs(target - len(query) - len(without_stop(response, stop_tokens))) / 100
 
 
 def uses_word(text, word):
@@ -349,7 +344,7 @@ def make_reward(spec, tok, prompts_kind, target=200, stop_tokens=(), max_len=Non
         if name == "length":
             return [length_score(p["tokens"], r, stop_tokens, target) for p, r in zip(batch, responses)]
         if name == "words":
-            return [words_score(tok.decode(story_tokens(r, stop_tokens)), p["words"], r[-1] == tok.eos_id)
+            return [words_score(tok.decode(without_stop(r, stop_tokens)), p["words"], r[-1] == tok.eos_id)
                     for p, r in zip(batch, responses)]
         return last_token_scores(model, [p["tokens"] + r for p, r in zip(batch, responses)], ctx=ctx).tolist()
 
@@ -559,8 +554,8 @@ def evaluate_policy(model, tok, batches, reward, max_new_tokens, stop_tokens, se
                             ctx=ctx)
         scores += reward(batch, responses)[0].tolist()
         for p, r in zip(batch, responses):
-            story = tok.decode(story_tokens(r, stop_tokens))
-            lengths.append(len(p["tokens"]) + len(story_tokens(r, stop_tokens)))
+            story = tok.decode(without_stop(r, stop_tokens))
+            lengths.append(len(p["tokens"]) + len(without_stop(r, stop_tokens)))
             ended.append(r[-1] in stop_tokens)
             if p["words"]:
                 used = [uses_word(story, w) for w in p["words"]]
@@ -771,7 +766,7 @@ def label(model, tok, stream, path, max_new_tokens, stop_tokens, num_pairs=0, au
                 answers = ["a" if a > b else "b" if b > a else "tie" for a, b in scores.tolist()]
             for k, p in enumerate(batch):
                 pair = responses[2 * k:2 * k + 2]
-                stories = [tok.decode(story_tokens(r, stop_tokens)) + ("" if r[-1] in stop_tokens else " [cut off]")
+                stories = [tok.decode(without_stop(r, stop_tokens)) + ("" if r[-1] in stop_tokens else " [cut off]")
                            for r in pair]
                 answer = answers[k] if auto_reward else ask(index, prompt_text(p, tok), stories, read, write)
                 if answer == "quit":
@@ -789,8 +784,8 @@ def preference_row(index, prompt, pair, answer, tok, stop_tokens):
     if answer == "skip":
         return {**row, "skipped": True}
     chosen, rejected = pair if answer in ("a", "tie") else pair[::-1]
-    row.update(chosen=tok.decode(story_tokens(chosen, stop_tokens)),
-               rejected=tok.decode(story_tokens(rejected, stop_tokens)),
+    row.update(chosen=tok.decode(without_stop(chosen, stop_tokens)),
+               rejected=tok.decode(without_stop(rejected, stop_tokens)),
                prompt_tokens=list(prompt["tokens"]), chosen_tokens=list(chosen), rejected_tokens=list(rejected))
     if answer == "tie":
         row["tie"] = True

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import torch
 
 from configurator import UserError, cli, configure
-from model import load_model
+from model import AUTOCAST_DTYPES, autocast_context, load_model, without_stop
 from tokenizer import Tokenizer, instruct_prompt
 
 checkpoint = ""  # the ckpt.pt to sample from
@@ -29,9 +29,6 @@ top_p = 0.9  # nucleus sampling; 1.0 = off
 seed = 1337
 device = "cpu"  # cpu | cuda | mps
 dtype = "float32"  # float32 | bfloat16 | float16 (autocast)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def load_tokenizer(ckpt, path_override, vocab_size):
     """The checkpoint's tokenizer (or path_override), refused when its vocabulary is not the model's."""
@@ -62,11 +59,8 @@ def sample(model, tok, text, as_instruction=False, n=1, new_tokens=256, temp=1.0
     with ctx:
         rows = model.generate([prompt] * n, new_tokens, temperature=temp, top_k=k or None,
                               top_p=p if 0.0 < p < 1.0 else None, stop_tokens=stops, seed=rng_seed)
-    texts = []
-    for row in rows:
-        row = row[:-1] if row and row[-1] in stops else row
-        texts.append(tok.decode(row) if as_instruction else tok.decode(prompt + row))
-    return texts
+    rows = [without_stop(row, stops) for row in rows]
+    return [tok.decode(row) if as_instruction else tok.decode(prompt + row) for row in rows]
 
 
 def pick_device(name):
@@ -84,8 +78,8 @@ def main(argv=None):
     configure(globals(), argv)
     if not checkpoint:
         raise UserError("say which checkpoint to sample: --checkpoint=out/ckpt.pt")
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in AUTOCAST_DTYPES:
+        raise UserError(f"--dtype must be one of {sorted(AUTOCAST_DTYPES)}, got {dtype!r}")
     for name, value, ok in (("num_samples", num_samples, num_samples >= 1),
                             ("max_new_tokens", max_new_tokens, max_new_tokens >= 1),
                             ("temperature", temperature, temperature >= 0.0), ("top_k", top_k, top_k >= 0),
@@ -97,7 +91,7 @@ def main(argv=None):
     model = model.to(dev).eval()
     tok = load_tokenizer(ckpt, tokenizer, model.args.vocab_size)
     text = prompt_text(start)
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(dev.split(":")[0], dtype=DTYPES[dtype])
+    ctx = autocast_context(dev, dtype)
     for i, out in enumerate(sample(model, tok, text, instruct, num_samples, max_new_tokens, temperature, top_k,
                                    top_p, seed, ctx)):
         print(out)

@@ -40,8 +40,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import ppo as rlhf
 import tinystories
 from configurator import UserError, atomic_output, cli, configure, current_config
-from model import ModelArgs, Transformer, apply_lora, lora_state_dict, model_from_checkpoint, read_checkpoint, \
-    save_checkpoint
+from model import ModelArgs, Transformer, apply_lora, autocast_context, lora_state_dict, model_from_checkpoint, \
+    read_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -767,8 +767,7 @@ def run_training(ckpt, ckpt_path, rank, local_world, world_size, dev):
     if dev.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=ptdtype)
+    ctx = autocast_context(dev, dtype)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
     model = raw_model

@@ -20,7 +20,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ppo  # noqa: E402
-import tinystories  # noqa: E402
 from configurator import UserError, cli, configure  # noqa: E402
 from model import ModelArgs, Transformer, load_model  # noqa: E402
 

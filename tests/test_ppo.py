@@ -12,7 +12,7 @@ import torch
 import ppo
 import tinystories
 import train
-from conftest import ROOT, TINY, pretrain_tiny
+from conftest import ROOT, pretrain_tiny
 from configurator import UserError
 from model import ModelArgs, Transformer, load_model, read_checkpoint, save_checkpoint
 from tokenizer import Tokenizer

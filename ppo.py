@@ -128,12 +128,7 @@ class PromptStream(tinystories.BatchStream):
                              for e in tinystories.instruct_examples(split, vocab_size, data_dir)]
             count = len(self.examples)
         else:
-            meta = tinystories.read_meta(vocab_size, data_dir=data_dir)
-            if split == "train" and meta["num_shards"] < 2:
-                raise UserError(f"{tinystories.pretok_dir(vocab_size, False, data_dir)} has one shard; prompts "
-                                "need at least 2 (shard 0 is the validation split)")
-            indices = range(1, meta["num_shards"]) if split == "train" else [0]
-            self.shards = [tinystories.load_shard(vocab_size, k, data_dir) for k in indices]
+            meta, self.shards = tinystories.split_shards(vocab_size, split, data_dir)
             self.starts = [np.flatnonzero(s == meta["bos_id"]) for s in self.shards]  # every story opens with BOS
             self.ends = np.cumsum([len(s) for s in self.starts])
             count = int(self.ends[-1]) if len(self.ends) else 0
@@ -186,12 +181,8 @@ class Rollouts:
             raise ValueError("every response needs at least one token")
         query_len = torch.tensor([len(q) for q in queries])
         response_len = torch.tensor([len(r) for r in responses])
-        tokens = torch.zeros(len(queries), int((query_len + response_len).max()) - 1, dtype=torch.long)
-        targets = torch.zeros(len(queries), int(response_len.max()), dtype=torch.long)
-        for row, (q, r) in enumerate(zip(queries, responses)):
-            seq = q + r
-            tokens[row, :len(seq) - 1] = torch.tensor(seq[:-1])
-            targets[row, :len(r)] = torch.tensor(r)
+        tokens, _ = pad_right([(list(q) + list(r))[:-1] for q, r in zip(queries, responses)])
+        targets, _ = pad_right(responses)
         mask = torch.arange(targets.shape[1])[None] < response_len[:, None]
         return cls(tokens, query_len, response_len, targets, mask)
 
@@ -554,8 +545,9 @@ def evaluate_policy(model, tok, batches, reward, max_new_tokens, stop_tokens, se
                             ctx=ctx)
         scores += reward(batch, responses)[0].tolist()
         for p, r in zip(batch, responses):
-            story = tok.decode(without_stop(r, stop_tokens))
-            lengths.append(len(p["tokens"]) + len(without_stop(r, stop_tokens)))
+            story_ids = without_stop(r, stop_tokens)
+            story = tok.decode(story_ids)
+            lengths.append(len(p["tokens"]) + len(story_ids))
             ended.append(r[-1] in stop_tokens)
             if p["words"]:
                 used = [uses_word(story, w) for w in p["words"]]
@@ -647,8 +639,9 @@ def preference_batch(pairs):
 class PreferenceBatches(tinystories.BatchStream):
     """Batches of preference pairs, each epoch in a new order; batch i depends only on (seed, rank, i)."""
 
-    def __init__(self, pairs, batch_size, seed=0, rank=0):
+    def __init__(self, pairs, batch_size, seed=0, rank=0, held_out=()):
         self.pairs, self.batch_size, self.seed, self.rank = pairs, batch_size, seed, rank
+        self.held_out = held_out  # the file's val split, for evals
         self.next_batch = 0
         self._order = tinystories.EpochOrder(len(pairs), seed, rank)
 

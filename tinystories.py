@@ -543,6 +543,13 @@ def load_shard(vocab_size, index, data_dir=DATA_DIR):
     return _open(os.path.join(pretok_dir(vocab_size, False, data_dir), name + ".bin"), meta["dtype"])
 
 
+def split_shards(vocab_size, split, data_dir=DATA_DIR):
+    """meta.json and the memory-mapped plain shards of a split ("train": shards 1.., "val": shard 0)."""
+    meta = read_meta(vocab_size, data_dir=data_dir)
+    folder = pretok_dir(vocab_size, False, data_dir)
+    return meta, [_open(os.path.join(folder, n + ".bin"), meta["dtype"]) for n in _split_names(meta, split, folder)]
+
+
 class BatchStream:
     """An endless batch iterator whose batch i depends only on (seed, rank, i): its state is next_batch."""
     next_batch = 0
@@ -568,10 +575,8 @@ class PretrainBatches(BatchStream):
     (seed, rank, i), so a resumed run continues the stream. split "train" = shards 1.., "val" = shard 0."""
 
     def __init__(self, split, batch_size, max_seq_len, vocab_size, seed=0, rank=0, data_dir=DATA_DIR):
-        meta = read_meta(vocab_size, data_dir=data_dir)
+        _, self.shards = split_shards(vocab_size, split, data_dir)
         folder = pretok_dir(vocab_size, False, data_dir)
-        self.shards = [_open(os.path.join(folder, n + ".bin"), meta["dtype"])
-                       for n in _split_names(meta, split, folder)]
         windows = np.array([max(0, len(m) - max_seq_len) for m in self.shards], dtype=np.int64)
         if windows.sum() == 0:
             raise UserError(f"the {split} shards in {folder} are shorter than max_seq_len+1={max_seq_len + 1} "

@@ -324,7 +324,8 @@ def make_batches(split, rank=0, meta=None):
     if reward_model:
         pairs = rlhf.read_preferences(preferences, Tokenizer(meta["tokenizer"]), max_seq_len)
         train_pairs, val_pairs = rlhf.split_pairs(pairs, val_fraction, preferences)
-        return rlhf.PreferenceBatches(train_pairs if split == "train" else val_pairs, batch_size, seed, rank)
+        return rlhf.PreferenceBatches(train_pairs if split == "train" else val_pairs, batch_size, seed, rank,
+                                      held_out=val_pairs)
     cls = tinystories.InstructBatches if sft else tinystories.PretrainBatches
     return cls(split, batch_size, max_seq_len, data_vocab(), seed=seed, rank=rank, data_dir=data_dir)
 
@@ -662,7 +663,7 @@ def preference_loss_of(model, tokens, last, tie):
 def reward_model_recipe(run):
     """The reward model's step (Bradley-Terry on pairs of its preference file) and evaluate (held-out loss and
     accuracy)."""
-    val_pairs = make_batches("val", meta=run.meta).pairs
+    val_pairs = run.batches.held_out  # read with the training pairs: the file is parsed once
     scorer = rlhf.TransformerWithHead(run.raw_model, run.head)
     run.extra_state = lambda: {"reward_head": run.head.state_dict()}
 

@@ -57,10 +57,10 @@ def shape_ints(model):
     return [a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.max_seq_len]
 
 
-def header_v1(model, file_version, flags, group=0):
+def header_v1(model, file_version, flags, shared, group=0):
     """The 256-byte header of versions 1 and 2."""
     header = bytearray(256)
-    struct.pack_into("<Ii7iB", header, 0, MAGIC, file_version, *shape_ints(model), int(shares_classifier(model)))
+    struct.pack_into("<Ii7iB", header, 0, MAGIC, file_version, *shape_ints(model), int(shared))
     if file_version == 2:
         struct.pack_into("<i", header, 37, group)
     struct.pack_into("<If", header, 64, flags, model.args.norm_eps)
@@ -87,13 +87,20 @@ def write_v0(path, model, flags):
     _write(path, parts)
 
 
+def layout_v1(model):
+    """Whether the classifier is shared, the norms and the matrix stacks (layers first) of versions 1 and 2,
+    in file order."""
+    shared = shares_classifier(model)
+    norms = [per_layer(model, "attention_norm.weight"), per_layer(model, "ffn_norm.weight"), _f32(model.norm.weight)]
+    matrices = [_f32(model.tok_embeddings.weight)[None]] + [per_layer(model, f"{m}.weight") for m in MATRICES]
+    if not shared:
+        matrices.append(_f32(model.output.weight)[None])
+    return shared, norms, matrices
+
+
 def write_v1(path, model, flags):
-    parts = [header_v1(model, 1, flags), per_layer(model, "attention_norm.weight"),
-             per_layer(model, "ffn_norm.weight"), _f32(model.norm.weight), _f32(model.tok_embeddings.weight),
-             *[per_layer(model, f"{m}.weight") for m in MATRICES]]
-    if not shares_classifier(model):
-        parts.append(_f32(model.output.weight))
-    _write(path, parts)
+    shared, norms, matrices = layout_v1(model)
+    _write(path, [header_v1(model, 1, flags, shared), *norms, *matrices])
 
 
 def pick_group_size(args, requested=0):
@@ -127,11 +134,8 @@ def dequantize_q80(q, scale):
 
 def write_v2(path, model, flags, group=0):
     group = pick_group_size(model.args, group)
-    parts = [header_v1(model, 2, flags, group), per_layer(model, "attention_norm.weight"),
-             per_layer(model, "ffn_norm.weight"), _f32(model.norm.weight)]
-    matrices = [_f32(model.tok_embeddings.weight)[None]] + [per_layer(model, f"{m}.weight") for m in MATRICES]
-    if not shares_classifier(model):
-        matrices.append(_f32(model.output.weight)[None])
+    shared, norms, matrices = layout_v1(model)
+    parts = [header_v1(model, 2, flags, shared, group), *norms]
     max_err = 0.0
     for stack in matrices:  # llama2.c's order: each tensor's int8 values, then its scales, layer by layer
         q, scale = quantize_q80(stack, group)
@@ -193,11 +197,8 @@ def read_bin(path):
     def matrix(shape, layers=1):  # groups of a Q8_0 tensor may run across rows, as llama2.c writes them
         if file_version != 2:
             return take(layers * shape[0] * shape[1]).reshape(layers, *shape)
-        out = []
-        for _ in range(layers):
-            q = take(shape[0] * shape[1], np.int8).astype(np.float32)
-            out.append((q.reshape(-1, group) * take(q.size // group)[:, None]).reshape(shape))
-        return np.stack(out)
+        n = shape[0] * shape[1]
+        return np.stack([dequantize_q80(take(n, np.int8), take(n // group)).reshape(shape) for _ in range(layers)])
 
     w = {}
     if file_version == 0:

@@ -467,9 +467,8 @@ static void load_model(Model *m, const char *path) {
         Matrix *ws[] = {&ly->wq, &ly->wk, &ly->wv, &ly->wo, &ly->w1, &ly->w2, &ly->w3};
         for (int k = 0; k < 7; k++) fix_q8(m, ws[k]);
     }
-    int emb_is_cls = m->wcls.q == m->emb.q && m->wcls.f == m->emb.f;
     fix_q8(m, &m->emb);
-    if (emb_is_cls) m->wcls = m->emb;
+    if (shared) m->wcls = m->emb;
     else fix_q8(m, &m->wcls);
     int half = m->head_size / 2;
     m->rope_cos = xcalloc((size_t)c->seq_len * half, sizeof(float));
@@ -628,7 +627,7 @@ static float *forward(const Model *m, RunState *s, int token, int pos, int want_
 /* ------------------------------------------------------------------------------------------ tokenizer */
 
 typedef struct {
-    int vocab_size, bos, eos, unk, has_bytes;
+    int bos, eos, unk, has_bytes;
     char **piece;  /* NUL-terminated copies */
     int *len;
     float *score;
@@ -698,7 +697,6 @@ static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size) {
     if (count != (size_t)vocab_size)
         die("tokenizer %s has %zu tokens but the model has %d; use the tokenizer the model was trained with",
             path, count, vocab_size);
-    t->vocab_size = vocab_size;
     t->piece = xcalloc(vocab_size, sizeof(char *));
     t->len = xcalloc(vocab_size, sizeof(int));
     t->score = xcalloc(vocab_size, sizeof(float));

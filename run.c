@@ -53,6 +53,19 @@ static void *xcalloc(size_t n, size_t size) {
     return p;
 }
 
+static void *xrealloc(void *p, size_t size) {
+    p = realloc(p, size ? size : 1);
+    if (!p) die("out of memory allocating %zu bytes", size);
+    return p;
+}
+
+/* The size of the regular file open as fd; anything else (a folder, a pipe) is an error naming path. */
+static size_t regular_file_size(int fd, const char *path) {
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s is not a regular file", path);
+    return (size_t)st.st_size;
+}
+
 /* ------------------------------------------------------------------------------------------ vector kernels */
 
 /* Eight float lanes; GCC and Clang lower them to AVX, to pairs of SSE registers or to scalars, with the
@@ -276,8 +289,7 @@ static const void *take(Cursor *cur, size_t nbytes) {
 
 static void *own(Model *m, size_t n, size_t size) {
     void *p = xcalloc(n, size);
-    m->owned = realloc(m->owned, (m->n_owned + 1) * sizeof(void *));
-    if (!m->owned) die("out of memory");
+    m->owned = xrealloc(m->owned, (m->n_owned + 1) * sizeof(void *));
     m->owned[m->n_owned++] = p;
     return p;
 }
@@ -398,9 +410,7 @@ static void load_model(Model *m, const char *path) {
     memset(m, 0, sizeof *m);
     int fd = open(path, O_RDONLY);
     if (fd < 0) die("cannot open model %s", path);
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s is not a regular file", path);
-    size_t size = (size_t)st.st_size;
+    size_t size = regular_file_size(fd, path);
     if (size < 7 * sizeof(int)) die("%s has %zu bytes: too small to be a model", path, size);
     void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     if (map == MAP_FAILED) die("cannot memory-map %s", path);
@@ -672,11 +682,8 @@ static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size) {
     memset(t, 0, sizeof *t);
     FILE *f = fopen(path, "rb");
     if (!f) die("cannot open tokenizer %s (make it with: python tokenizer.py --tokenizer-model=PATH.model)", path);
-    struct stat st;
-    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) die("%s is not a regular file", path);
-    size_t size = (size_t)st.st_size;
-    unsigned char *data = malloc(size ? size : 1);
-    if (!data) die("out of memory reading %s", path);
+    size_t size = regular_file_size(fileno(f), path);
+    unsigned char *data = xrealloc(NULL, size);
     if (fread(data, 1, size, f) != size) die("cannot read %s", path);
     fclose(f);
     if (size < 4) die("%s is not a tokenizer .bin (%zu bytes)", path, size);
@@ -1165,14 +1172,12 @@ int main(int argc, char **argv) {
         const char *suffix = " Possible story:";
         size_t n = strlen(text), ns = strlen(suffix);
         if (n < ns - 1 || strcmp(text + n - (ns - 1), suffix + 1)) {
-            text = realloc(text, n + ns + 1);
-            if (!text) die("out of memory");
+            text = xrealloc(text, n + ns + 1);
             memcpy(text + n, suffix, ns + 1);
         }
         n_tokens = encode(&tok, text, 0, 0, &tokens);
         free(text);
-        tokens = realloc(tokens, (n_tokens + 1) * sizeof(int));
-        if (!tokens) die("out of memory");
+        tokens = xrealloc(tokens, (n_tokens + 1) * sizeof(int));
         tokens[n_tokens++] = tok.bos;
     } else if (!is_chat) {
         n_tokens = encode(&tok, prompt ? prompt : "", 1, 0, &tokens);

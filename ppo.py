@@ -135,7 +135,6 @@ class PromptStream(tinystories.BatchStream):
         if count == 0:
             raise UserError(f"no {split} stories for {kind} prompts in {data_dir}: write a larger corpus")
         self.count, self.batch_size, self.seed, self.rank = count, batch_size, seed, rank
-        self.next_batch = 0
 
     def __next__(self):
         rng = self.batch_rng()
@@ -536,8 +535,8 @@ def ppo_iteration(model, reference, prompts, reward, kl_ctl, cfg, update, stop_t
 @torch.no_grad()
 def evaluate_policy(model, tok, batches, reward, max_new_tokens, stop_tokens, seed=0, ctx=nullcontext()):
     """Mean score, length and ended share of the model's stories for the prompt batches (and, for instruct
-    prompts, the share using all their words and the mean share of words used), drawn at temperature 1 from a fixed seed so that evaluations
-    compare; and the (prompt, story) texts."""
+    prompts, the share using all their words and the mean share of words used), drawn at temperature 1 from a
+    fixed seed so that evaluations compare; and the (prompt, story) texts."""
     generator = torch.Generator(device=model.rope_cos.device).manual_seed(seed)
     scores, lengths, ended, all_words, word_share, samples = [], [], [], [], [], []
     for batch in batches:
@@ -642,16 +641,10 @@ class PreferenceBatches(tinystories.BatchStream):
     def __init__(self, pairs, batch_size, seed=0, rank=0, held_out=()):
         self.pairs, self.batch_size, self.seed, self.rank = pairs, batch_size, seed, rank
         self.held_out = held_out  # the file's val split, for evals
-        self.next_batch = 0
         self._order = tinystories.EpochOrder(len(pairs), seed, rank)
 
-    def _pair_at(self, position):
-        return self.pairs[self._order[position]]
-
     def __next__(self):
-        first = self.next_batch * self.batch_size
-        self.next_batch += 1
-        return preference_batch([self._pair_at(p) for p in range(first, first + self.batch_size)])
+        return preference_batch([self.pairs[i] for i in self.ordered_batch(self._order)])
 
 
 def preference_loss(scores, tie):

@@ -17,9 +17,9 @@ Files, under data_dir (default data/):
   tokenizer.instruct_example), same dtype; dataNN.idx: int64 rows (start, prompt_len, length) in tokens, one per
   example, where the prompt's prompt_len tokens end with that BOS and are masked (-1) in the labels;
   dataNN.json: a JSON list, one {"instruction", "words", "features", "summary"} per example.
-- meta.json beside each set of shards: vocab_size (the tokenizer's), tokenizer (its path), tokenizer_sha256 (of its vocabulary),
-  eos, instruct, prompt_style, dtype, bos_id, eos_id, num_shards, num_tokens, and "shards": one entry per
-  shard in order {"name", "source" (its file in TinyStories_all_data/), "source_size", "source_mtime_ns",
+- meta.json beside each set of shards: vocab_size (the tokenizer's), tokenizer (its path), tokenizer_sha256 (of
+  its vocabulary), eos, instruct, prompt_style, dtype, bos_id, eos_id, num_shards, num_tokens, and "shards": one
+  entry per shard in order {"name", "source" (its file in TinyStories_all_data/), "source_size", "source_mtime_ns",
   "stories", "tokens"}. It is written last: a folder without it is not finished.
 """
 import itertools
@@ -563,6 +563,12 @@ class BatchStream:
         self.next_batch += 1
         return rng
 
+    def ordered_batch(self, order):
+        """The item indices of the next batch when epochs visit every item in an EpochOrder (and a step forward)."""
+        first = self.next_batch * self.batch_size
+        self.next_batch += 1
+        return [order[p] for p in range(first, first + self.batch_size)]
+
     def state_dict(self):
         return {"next_batch": self.next_batch}
 
@@ -585,7 +591,6 @@ class PretrainBatches(BatchStream):
         self.ends = np.cumsum(windows)
         self.firsts = self.ends - windows
         self.batch_size, self.max_seq_len, self.seed, self.rank = batch_size, max_seq_len, seed, rank
-        self.next_batch = 0
 
     def __next__(self):
         rng = self.batch_rng()
@@ -635,16 +640,10 @@ class InstructBatches(BatchStream):
                             f"({longest_prompt} tokens): raise max_seq_len above it")
         self.pad_id = meta["eos_id"]
         self.batch_size, self.max_seq_len, self.seed, self.rank = batch_size, max_seq_len, seed, rank
-        self.next_batch = 0
         self._order = EpochOrder(len(self.examples), seed, rank)
 
-    def _example_at(self, position):
-        return self.examples[self._order[position]]
-
     def __next__(self):
-        first = self.next_batch * self.batch_size
-        self.next_batch += 1
-        rows = [self._example_at(p) for p in range(first, first + self.batch_size)]
+        rows = [self.examples[i] for i in self.ordered_batch(self._order)]
         tokens = [self.shards[s][start:start + min(length, self.max_seq_len + 1)].astype(np.int64)
                   for s, start, _, length in rows]
         width = max(len(t) for t in tokens) - 1

@@ -85,14 +85,14 @@ def apply_rope(x, freqs):
     return torch.view_as_real(xc * freqs.unsqueeze(-2)).flatten(-2).type_as(x)
 
 
-QUERY_BLOCK = 128  # query rows per block in causal_attention's small-head path
+QUERY_BLOCK = 32  # query rows per block in causal_attention's small-head path (measured best of 32 to 128)
 
 
 def causal_attention(q, k, v, dropout_p=0.0, enable_gqa=False):
     """Causal scaled_dot_product_attention of q (B, H, T, D) over k, v (B, Hkv, T, D).
 
-    With small heads on the CPU, the flash kernel's cost is per score and it computes the whole 512-key block
-    under the diagonal too; queries taken in blocks against only the keys they can see skip that work."""
+    With small heads on the CPU, the flash kernel's cost is per score and it computes whole blocks of keys
+    past the diagonal too; queries taken in blocks against only the keys they can see skip that work."""
     T, head_dim = q.shape[2], q.shape[3]
     if q.device.type != "cpu" or head_dim > 16 or T < 2 * QUERY_BLOCK:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=enable_gqa)
@@ -268,8 +268,9 @@ class Transformer(nn.Module):
         stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
         for t in range(T0, T0 + max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            drawn = nxt.tolist()
             for b in (~done).nonzero().flatten().tolist():
-                out[b].append(int(nxt[b]))
+                out[b].append(drawn[b])
                 if return_logits:
                     out_logits[b].append(logits[b].float())
             if len(stop):
@@ -338,7 +339,13 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # inverse CDF: one uniform per row (torch.multinomial draws one exponential per token: 30x slower on the CPU);
+    # the coin stays below the total, so it lands on a token of nonzero probability
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    coin = torch.rand(total.shape, generator=generator, device=probs.device) * total
+    coin = torch.minimum(coin, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, coin, right=True).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------- LoRA

@@ -4,8 +4,9 @@ generation tokens/s by position.
     python bench/bench_model.py [--rounds=5] [--threads=2]
 
 Training: batch 8, fp32, forward + backward + AdamW, ours and the reference interleaved round by round so
-that a noisy machine slows both alike; medians are printed. Generation: batch 1, greedy, the cost of one new
-token when the cache already holds 16, 128 and 512 tokens.
+that a noisy machine slows both alike; medians are printed. Each round also times one large fp32 matmul, the
+most FLOP/s this machine's torch reaches; a model's training FLOP/s as a share of it bounds any speed-up.
+Generation: batch 1, greedy, the cost of one new token when the cache already holds 16, 128 and 512 tokens.
 """
 import os
 import statistics
@@ -41,11 +42,20 @@ def train_step_seconds(model, optimizer, x, y):
     return (time.perf_counter() - t0) / steps
 
 
+def matmul_flops(n=2048):
+    """FLOP/s of one n x n fp32 matmul: the ceiling for models whose time is mostly matmuls."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t0 = time.perf_counter()
+    a @ b
+    return 2 * n ** 3 / (time.perf_counter() - t0)
+
+
 def bench_training(args_dict, batch, seq_len):
     args = ModelArgs(**args_dict)
     x = torch.randint(0, args.vocab_size, (batch, seq_len))
     y = torch.randint(0, args.vocab_size, (batch, seq_len))
-    runs = {}
+    runs, peaks = {}, []
+    matmul_flops()  # warm-up
     for cls in (RefTransformer, Transformer):
         torch.manual_seed(0)
         model = cls(args).train()
@@ -55,7 +65,10 @@ def bench_training(args_dict, batch, seq_len):
     for _ in range(rounds):
         for model, opt, times in runs.values():
             times.append(train_step_seconds(model, opt, x, y))
-    return {cls.__name__: batch * seq_len / statistics.median(t) for cls, (_, _, t) in runs.items()}
+        peaks.append(matmul_flops())
+    flops_per_token = runs[Transformer][0].flops_per_token(seq_len)
+    return {cls.__name__: batch * seq_len / statistics.median(t) for cls, (_, _, t) in runs.items()}, \
+        flops_per_token, statistics.median(peaks)
 
 
 def bench_generation(args_dict):
@@ -86,10 +99,11 @@ def main(argv=None):
     torch.set_num_threads(threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} rounds (medians)")
     for name, (args_dict, batch, seq_len) in SHAPES.items():
-        tps = bench_training(args_dict, batch, seq_len)
+        tps, flops_per_token, peak = bench_training(args_dict, batch, seq_len)
         ref, ours = tps["RefTransformer"], tps["Transformer"]
         print(f"train {name:9s} batch {batch}x{seq_len}: reference {ref:8.0f} tok/s   ours {ours:8.0f} tok/s"
-              f"   x{ours / ref:.2f}")
+              f"   x{ours / ref:.2f}   (reference {ref * flops_per_token / peak:.0%}, ours"
+              f" {ours * flops_per_token / peak:.0%} of the {peak / 1e9:.0f} GFLOP/s of a 2048^2 fp32 matmul)")
     for name, (args_dict, _, _) in SHAPES.items():
         per_token = bench_generation(args_dict)
         cells = "   ".join(f"pos {p}: {1 / s:7.0f} tok/s" for p, s in per_token.items())

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # run.c speed: tokens/s of `make runomp` with 2 OpenMP threads, -n 256, on random-weight models of llama2.c's
 # 15M shape (dim 288, 6 layers, vocab 32000, seq 256) and 110M shape (dim 768, 12 layers, seq 1024), and the
-# 110M rates as a share of this machine's 2-thread read bandwidth (batch-1 decoding reads every weight once per
-# token). Configurations run interleaved, REPS rounds; the figures are medians.
+# rates as a share of this machine's 2-thread read bandwidth (batch-1 decoding reads every weight once per
+# token). Configurations run interleaved, REPS rounds; the figures are medians. The VM's bandwidth swings from
+# minute to minute, so each round's share divides its own rates by the bandwidth measured in the same round.
 #
 #   bench/bench_run.sh [REPS]          # default 5; models are made once in $BENCH_DIR (default out-bench)
 set -euo pipefail
@@ -31,24 +32,30 @@ for ((rep = 1; rep <= REPS; rep++)); do
     # shellcheck disable=SC2086
     rate=$("$DIR/runomp" "$DIR/$file" -z "$DIR/tok32000.bin" -n 256 -s 42 $flags 2>&1 >/dev/null |
            sed -n 's/^achieved tok\/s: //p')
-    echo "$i $rate" >>"$RESULTS"
+    echo "$i $rep $rate" >>"$RESULTS"
   done
   bw=$("$DIR/bandwidth" 1024 5 | sed -n 's/.*best \([0-9.]*\) GB\/s.*/\1/p')
-  echo "bw $bw" >>"$RESULTS"
+  echo "bw $rep $bw" >>"$RESULTS"
   echo "round $rep/$REPS done" >&2
 done
 
-median() { grep "^$1 " "$RESULTS" | awk '{print $2}' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-BW=$(median bw)
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+column_median() { grep "^$1 " "$RESULTS" | awk '{print $3}' | median; }
+# per round: rate x bytes / that round's bandwidth, in percent
+share_median() {
+  awk -v c="$1" -v b="$2" '$1 == "bw" {bw[$2] = $3} $1 == c {rate[$2] = $3}
+    END {for (r in rate) print 100 * rate[r] * b / 1e9 / bw[r]}' "$RESULTS" | median
+}
+BW=$(column_median bw)
 echo
 echo "run.c (make runomp, OMP_NUM_THREADS=2, -n 256), median of $REPS interleaved rounds"
 printf "%-28s %10s %12s %8s %18s\n" "model, sampler" "tok/s" "llama2.c" "target" "share of bandwidth"
 for i in "${!CONFIGS[@]}"; do
   IFS='|' read -r name file flags ref target <<<"${CONFIGS[$i]}"
-  rate=$(median "$i")
+  rate=$(column_median "$i")
   bytes=$(($(stat -c %s "$DIR/$file") - 256))
-  share=$(awk -v r="$rate" -v b="$bytes" -v bw="$BW" 'BEGIN {printf "%.0f%%", 100 * r * b / 1e9 / bw}')
-  printf "%-28s %10.1f %12s %8s %18s\n" "$name" "$rate" "$ref" "$target" "$share"
+  printf "%-28s %10.1f %12s %8s %17.0f%%\n" "$name" "$rate" "$ref" "$target" "$(share_median "$i" "$bytes")"
 done
 echo "read bandwidth with 2 threads (best pass, median of rounds): $BW GB/s"
-echo "share = tok/s x bytes of weights / bandwidth; the 15M weights (61 MB) partly fit in the 32 MB L3 cache"
+echo "share = median over rounds of tok/s x bytes of weights / that round's bandwidth; the 15M weights (61 MB)"
+echo "partly fit in the 32 MB L3 cache"

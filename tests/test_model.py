@@ -156,6 +156,17 @@ def test_top_k_and_top_p_never_leave_the_allowed_set():
     assert torch.equal(sample_next(logits, 0.0), logits.argmax(-1))
 
 
+def test_sampling_draws_each_token_at_its_probability():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0, 0.5]])
+    probs = (logits / 0.7).softmax(-1)[0]
+    draws = torch.cat([sample_next(logits.expand(1000, -1), 0.7, generator=g) for _ in range(100)])
+    share = torch.bincount(draws, minlength=6).float() / len(draws)
+    assert (share - probs).abs().max() < 0.005  # 100,000 draws: a few standard errors
+    topped = sample_next(logits.expand(20000, -1), 0.7, top_k=2, generator=g)
+    assert (torch.bincount(topped, minlength=6)[:2].float() / 20000 - probs[:2] / probs[:2].sum()).abs().max() < 0.015
+
+
 def test_lora_only_adapters_get_gradients_and_rank_is_used():
     model = tiny()
     apply_lora(model, rank=3, alpha=6.0, dropout=0.0)
@@ -286,7 +297,7 @@ def test_adapter_only_lora_checkpoint_loads_its_base(tmp_path):
         load_model(lora_path)
 
 
-@pytest.mark.parametrize("T, head_dim", [(300, 8), (64, 8), (300, 32)])
+@pytest.mark.parametrize("T, head_dim", [(300, 8), (64, 8), (40, 8), (300, 32)])
 def test_causal_attention_equals_sdpa_causal(T, head_dim):
     from model import causal_attention
     torch.manual_seed(0)

@@ -506,7 +506,8 @@ static void free_model(Model *m) {
 /* ------------------------------------------------------------------------------------------ forward pass */
 
 typedef struct {
-    float *x, *xb, *xb2, *hb, *hb2, *q, *att, *logits, *key_cache, *value_cache;
+    float *x, *xb, *xb2, *hb, *hb2, *q, *k, *v, *att, *logits;
+    float *key_cache, *value_cache;  /* (layer, kv head, position, head_size): a head's keys lie contiguous */
     QVec xq;  /* the current matmul input, quantised, for Q8 weights */
 } RunState;
 
@@ -519,6 +520,8 @@ static void alloc_state(RunState *s, const Model *m) {
     s->hb = xcalloc(c->hidden_dim, sizeof(float));
     s->hb2 = xcalloc(c->hidden_dim, sizeof(float));
     s->q = xcalloc(c->dim, sizeof(float));
+    s->k = xcalloc(m->kv_dim, sizeof(float));
+    s->v = xcalloc(m->kv_dim, sizeof(float));
     s->att = xcalloc((size_t)c->n_heads * c->seq_len, sizeof(float));
     s->logits = xcalloc(c->vocab_size, sizeof(float));
     s->key_cache = xcalloc((size_t)c->n_layers * c->seq_len * m->kv_dim, sizeof(float));
@@ -528,7 +531,7 @@ static void alloc_state(RunState *s, const Model *m) {
 }
 
 static void free_state(RunState *s) {
-    void *ps[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->att, s->logits, s->key_cache, s->value_cache,
+    void *ps[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->att, s->logits, s->key_cache, s->value_cache,
                   s->xq.q, s->xq.s};
     for (size_t i = 0; i < sizeof ps / sizeof *ps; i++) free(ps[i]);
 }
@@ -559,6 +562,32 @@ static void matmul(const Job *jobs, int n_jobs, const float *x, RunState *s, int
     }
 }
 
+/* out = sum over t of weight[t] * rows[t] (n rows of width w), summed in order of t; 32 columns at a time are
+   kept in registers while the rows stream past, rather than read and written back for every row. */
+static void weighted_sum(float *out, const float *weight, const float *rows, int n, int w) {
+    int i = 0;
+    for (; i + 32 <= w; i += 32) {
+        v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int t = 0; t < n; t++) {
+            const float *r = rows + (size_t)t * w + i;
+            v8f wt = splat(weight[t]);
+            a0 += wt * load8(r), a1 += wt * load8(r + 8), a2 += wt * load8(r + 16), a3 += wt * load8(r + 24);
+        }
+        memcpy(out + i, &a0, sizeof a0), memcpy(out + i + 8, &a1, sizeof a1);
+        memcpy(out + i + 16, &a2, sizeof a2), memcpy(out + i + 24, &a3, sizeof a3);
+    }
+    for (; i + 8 <= w; i += 8) {
+        v8f a0 = {0};
+        for (int t = 0; t < n; t++) a0 += splat(weight[t]) * load8(rows + (size_t)t * w + i);
+        memcpy(out + i, &a0, sizeof a0);
+    }
+    for (; i < w; i++) {
+        float a = 0;
+        for (int t = 0; t < n; t++) a += weight[t] * rows[(size_t)t * w + i];
+        out[i] = a;
+    }
+}
+
 static void rope(float *v, int n, int head_size, const float *cos_row, const float *sin_row) {
     for (int i = 0; i < n; i += 2) {
         int f = (i % head_size) / 2;
@@ -584,37 +613,28 @@ static float *forward(const Model *m, RunState *s, int token, int pos, int want_
     embed(m, token, s->x);
     for (int l = 0; l < c->n_layers; l++) {
         const Layer *ly = &m->layers[l];
-        size_t layer_off = (size_t)l * c->seq_len * kv_dim;
-        float *k = s->key_cache + layer_off + (size_t)pos * kv_dim;
-        float *v = s->value_cache + layer_off + (size_t)pos * kv_dim;
         rmsnorm(s->xb, s->x, ly->rms_att, dim, m->norm_eps);
-        Job qkv[3] = {{&ly->wq, s->q}, {&ly->wk, k}, {&ly->wv, v}};
+        Job qkv[3] = {{&ly->wq, s->q}, {&ly->wk, s->k}, {&ly->wv, s->v}};
         matmul(qkv, 3, s->xb, s, gs);
         rope(s->q, dim, hs, m->rope_cos + (size_t)pos * half, m->rope_sin + (size_t)pos * half);
-        rope(k, kv_dim, hs, m->rope_cos + (size_t)pos * half, m->rope_sin + (size_t)pos * half);
+        rope(s->k, kv_dim, hs, m->rope_cos + (size_t)pos * half, m->rope_sin + (size_t)pos * half);
+        size_t head_stride = (size_t)c->seq_len * hs, layer_off = (size_t)l * c->n_kv_heads * head_stride;
+        for (int g = 0; g < c->n_kv_heads; g++) {
+            memcpy(s->key_cache + layer_off + g * head_stride + (size_t)pos * hs, s->k + g * hs, hs * sizeof(float));
+            memcpy(s->value_cache + layer_off + g * head_stride + (size_t)pos * hs, s->v + g * hs, hs * sizeof(float));
+        }
         float inv_sqrt = 1.0f / sqrtf((float)hs);
         int n_heads = c->n_heads, big = n_heads * (pos + 1) * hs >= BIG_WORK;
         (void)big;
         PARALLEL_FOR_IF_BIG
         for (int h = 0; h < n_heads; h++) {
             const float *qh = s->q + h * hs;
+            const float *keys = s->key_cache + layer_off + (h / kv_mul) * head_stride;
+            const float *values = s->value_cache + layer_off + (h / kv_mul) * head_stride;
             float *att = s->att + (size_t)h * c->seq_len;
-            size_t kv_off = (size_t)(h / kv_mul) * hs;
-            for (int t = 0; t <= pos; t++) att[t] = dot(qh, s->key_cache + layer_off + (size_t)t * kv_dim + kv_off, hs) * inv_sqrt;
+            for (int t = 0; t <= pos; t++) att[t] = dot(qh, keys + (size_t)t * hs, hs) * inv_sqrt;
             softmax(att, pos + 1);
-            float *out = s->xb + h * hs;
-            memset(out, 0, hs * sizeof(float));
-            for (int t = 0; t <= pos; t++) {
-                const float *vt = s->value_cache + layer_off + (size_t)t * kv_dim + kv_off;
-                float a = att[t];
-                int i = 0;
-                v8f av = {a, a, a, a, a, a, a, a};
-                for (; i + 8 <= hs; i += 8) {
-                    v8f sum = load8(out + i) + av * load8(vt + i);
-                    memcpy(out + i, &sum, sizeof sum);
-                }
-                for (; i < hs; i++) out[i] += a * vt[i];
-            }
+            weighted_sum(s->xb + h * hs, att, values, pos + 1, hs);
         }
         Job wo = {&ly->wo, s->xb2};
         matmul(&wo, 1, s->xb, s, gs);

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# run.c speed: tokens/s of `make runomp` with 2 OpenMP threads, -n 256, on random-weight models of llama2.c's
-# 15M shape (dim 288, 6 layers, vocab 32000, seq 256) and 110M shape (dim 768, 12 layers, seq 1024), and the
-# rates as a share of this machine's 2-thread read bandwidth (batch-1 decoding reads every weight once per
-# token). Configurations run interleaved, REPS rounds; the figures are medians. The VM's bandwidth swings from
-# minute to minute, so each round's share divides its own rates by the bandwidth measured in the same round.
+# run.c speed: tokens/s of `make runomp` with 2 OpenMP threads, -n 256 (and 110M at -n 1024), on random-weight
+# models of llama2.c's 15M shape (dim 288, 6 layers, vocab 32000, seq 256) and 110M shape (dim 768, 12 layers,
+# seq 1024), and the rates as a share of this machine's 2-thread read bandwidth (batch-1 decoding reads every
+# weight once per token). Configurations run interleaved, REPS rounds; the figures are medians. The VM's
+# bandwidth swings from minute to minute, so each round's share divides its own rates by the bandwidth measured
+# in the same round.
 #
 #   bench/bench_run.sh [REPS]          # default 5; models are made once in $BENCH_DIR (default out-bench)
 set -euo pipefail
@@ -17,12 +18,14 @@ export OMP_NUM_THREADS=2
 make -s runomp RUN_OUT="$DIR/runomp"
 ${CC:-gcc} -O3 -march=native -fopenmp -Wall -Wextra -o "$DIR/bandwidth" bench/bandwidth.c
 
-# name | model file | sampling flags | llama2.c runomp on this machine | target
+# name | model file | flags | llama2.c runomp on this machine | target. The last row shows what attention over a
+# long context costs: at -n 1024 it reads 4x the KV cache of -n 256.
 CONFIGS=(
-  "15M fp32, -t 1.0 -p 0.9|15M_v1.bin|-t 1.0 -p 0.9|175|600"
-  "15M fp32, -t 1.0 -p 1.0|15M_v1.bin|-t 1.0 -p 1.0|642|800"
-  "110M fp32, -t 1.0 -p 0.9|110M_v1.bin|-t 1.0 -p 0.9|47|47"
-  "110M int8, -t 1.0 -p 0.9|110M_v2.bin|-t 1.0 -p 0.9|67|130"
+  "15M fp32, -p 0.9|15M_v1.bin|-n 256 -t 1.0 -p 0.9|175|600"
+  "15M fp32, -p 1.0|15M_v1.bin|-n 256 -t 1.0 -p 1.0|642|800"
+  "110M fp32, -p 0.9|110M_v1.bin|-n 256 -t 1.0 -p 0.9|47|47"
+  "110M int8, -p 0.9|110M_v2.bin|-n 256 -t 1.0 -p 0.9|67|130"
+  "110M fp32, -p 0.9, -n 1024|110M_v1.bin|-n 1024 -t 1.0 -p 0.9|-|-"
 )
 RESULTS=$(mktemp)
 trap 'rm -f "$RESULTS"' EXIT
@@ -30,7 +33,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
   for i in "${!CONFIGS[@]}"; do
     IFS='|' read -r name file flags _ _ <<<"${CONFIGS[$i]}"
     # shellcheck disable=SC2086
-    rate=$("$DIR/runomp" "$DIR/$file" -z "$DIR/tok32000.bin" -n 256 -s 42 $flags 2>&1 >/dev/null |
+    rate=$("$DIR/runomp" "$DIR/$file" -z "$DIR/tok32000.bin" -s 42 $flags 2>&1 >/dev/null |
            sed -n 's/^achieved tok\/s: //p')
     echo "$i $rep $rate" >>"$RESULTS"
   done
@@ -48,13 +51,13 @@ share_median() {
 }
 BW=$(column_median bw)
 echo
-echo "run.c (make runomp, OMP_NUM_THREADS=2, -n 256), median of $REPS interleaved rounds"
-printf "%-28s %10s %12s %8s %18s\n" "model, sampler" "tok/s" "llama2.c" "target" "share of bandwidth"
+echo "run.c (make runomp, OMP_NUM_THREADS=2), median of $REPS interleaved rounds"
+printf "%-30s %10s %12s %8s %18s\n" "model, sampler" "tok/s" "llama2.c" "target" "share of bandwidth"
 for i in "${!CONFIGS[@]}"; do
   IFS='|' read -r name file flags ref target <<<"${CONFIGS[$i]}"
   rate=$(column_median "$i")
   bytes=$(($(stat -c %s "$DIR/$file") - 256))
-  printf "%-28s %10.1f %12s %8s %17.0f%%\n" "$name" "$rate" "$ref" "$target" "$(share_median "$i" "$bytes")"
+  printf "%-30s %10.1f %12s %8s %17.0f%%\n" "$name" "$rate" "$ref" "$target" "$(share_median "$i" "$bytes")"
 done
 echo "read bandwidth with 2 threads (best pass, median of rounds): $BW GB/s"
 echo "share = median over rounds of tok/s x bytes of weights / that round's bandwidth; the 15M weights (61 MB)"

@@ -136,6 +136,28 @@ def test_unshared_classifier_matches_pytorch(binaries, inference_models, tmp_pat
         assert np.abs(ref - logits).max() < (0.05 * np.abs(ref).max() if version == 2 else 1e-4)
 
 
+def test_wide_heads_match_pytorch_in_every_build(binaries, inference_models, tmp_path):
+    # head size 44 takes each path of run.c's attention sum: 32 columns at a time, then 8, then one
+    tok = Tokenizer(inference_models["tokenizer"])
+    torch.manual_seed(1)
+    model = Transformer(ModelArgs(dim=88, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=tok.vocab_size,
+                                  multiple_of=8, max_seq_len=128)).eval()
+    path = tmp_path / "wide.bin"
+    export.export(model, str(path), 1, tok=tok)
+    outputs = set()
+    for build in BUILDS:
+        log = tmp_path / f"{build}.bin"
+        r = run_c(binaries[build][0], path, "-z", inference_models["tokenizer_bin"], "-t", "0", "-n", "120",
+                  "-i", "Once upon a time", "-l", log)
+        assert r.returncode == 0, r.stderr
+        _, fed, _, logits = read_log(log, tok.vocab_size)
+        with torch.no_grad():
+            ref = model(torch.tensor(fed[None], dtype=torch.long))[0][0].numpy()
+        assert len(fed) == 120 and np.abs(ref - logits).max() < 1e-4
+        outputs.add(r.stdout)
+    assert len(outputs) == 1
+
+
 def test_q80_is_close_to_fp32_and_greedy_equals_dequantised_pytorch(binaries, inference_models, exported,
                                                                    tmp_path):
     tok = Tokenizer(inference_models["tokenizer"])

@@ -531,8 +531,8 @@ static void alloc_state(RunState *s, const Model *m) {
 }
 
 static void free_state(RunState *s) {
-    void *ps[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->att, s->logits, s->key_cache, s->value_cache,
-                  s->xq.q, s->xq.s};
+    void *ps[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->att, s->logits, s->key_cache,
+                  s->value_cache, s->xq.q, s->xq.s};
     for (size_t i = 0; i < sizeof ps / sizeof *ps; i++) free(ps[i]);
 }
 
@@ -620,8 +620,9 @@ static float *forward(const Model *m, RunState *s, int token, int pos, int want_
         rope(s->k, kv_dim, hs, m->rope_cos + (size_t)pos * half, m->rope_sin + (size_t)pos * half);
         size_t head_stride = (size_t)c->seq_len * hs, layer_off = (size_t)l * c->n_kv_heads * head_stride;
         for (int g = 0; g < c->n_kv_heads; g++) {
-            memcpy(s->key_cache + layer_off + g * head_stride + (size_t)pos * hs, s->k + g * hs, hs * sizeof(float));
-            memcpy(s->value_cache + layer_off + g * head_stride + (size_t)pos * hs, s->v + g * hs, hs * sizeof(float));
+            size_t at = layer_off + g * head_stride + (size_t)pos * hs;
+            memcpy(s->key_cache + at, s->k + g * hs, hs * sizeof(float));
+            memcpy(s->value_cache + at, s->v + g * hs, hs * sizeof(float));
         }
         float inv_sqrt = 1.0f / sqrtf((float)hs);
         int n_heads = c->n_heads, big = n_heads * (pos + 1) * hs >= BIG_WORK;
@@ -629,8 +630,8 @@ static float *forward(const Model *m, RunState *s, int token, int pos, int want_
         PARALLEL_FOR_IF_BIG
         for (int h = 0; h < n_heads; h++) {
             const float *qh = s->q + h * hs;
-            const float *keys = s->key_cache + layer_off + (h / kv_mul) * head_stride;
-            const float *values = s->value_cache + layer_off + (h / kv_mul) * head_stride;
+            size_t kv_off = layer_off + (h / kv_mul) * head_stride;
+            const float *keys = s->key_cache + kv_off, *values = s->value_cache + kv_off;
             float *att = s->att + (size_t)h * c->seq_len;
             for (int t = 0; t <= pos; t++) att[t] = dot(qh, keys + (size_t)t * hs, hs) * inv_sqrt;
             softmax(att, pos + 1);

@@ -31,6 +31,11 @@ def cli(main):
             return main(*args, **kwargs)
         except UserError as e:
             fail(str(e))
+        except OSError as e:
+            if e.filename is None:
+                raise
+            # a path the user chose that cannot be read or written: a permission, a directory, a full disk
+            fail(f"{e.strerror or e}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else ""))
         except KeyboardInterrupt:
             fail("interrupted", status=130)
     return wrapper
@@ -38,7 +43,14 @@ def cli(main):
 
 @contextlib.contextmanager
 def atomic_output(path, mode="wb"):
-    """Yield a file open on a temporary name beside path; it replaces path only if the block completes."""
+    """Yield a file open on a temporary name beside path (its directory made if missing); it replaces path only
+    if the block completes."""
+    if not path or os.path.isdir(path):
+        raise UserError(f"cannot write {path!r}: give a file name for the output")
+    parent = os.path.dirname(path) or "."
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise UserError(f"cannot write {path}: {parent} is a file, not a directory")
+    os.makedirs(parent, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode) as f:
@@ -71,8 +83,10 @@ def _nearest(key, keys):
 def _parse_value(key, raw, default):
     try:
         value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):  # long prose can exhaust the parser
         value = raw  # a bare word such as --device=cpu is a string
+    if isinstance(default, str) and not isinstance(value, str):
+        return raw  # --start=1984 is text, not a number
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise UserError(f"--{key} expects True or False, got {raw!r}")
@@ -103,8 +117,12 @@ def configure(namespace, argv=None):
             if not os.path.isfile(arg):
                 raise UserError(f"config file not found: {arg}")
             file_ns = {}
-            with open(arg) as f:
-                source = f.read()
+            try:
+                with open(arg, encoding="utf-8") as f:
+                    source = f.read()
+            except UnicodeDecodeError:
+                raise UserError(f"{arg} is not a config file (Python setting globals); a checkpoint, model or "
+                                f"data file goes after its setting, e.g. --checkpoint={arg}") from None
             try:
                 exec(compile(source, arg, "exec"), file_ns)
             except Exception as e:

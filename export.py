@@ -148,7 +148,6 @@ def write_v2(path, model, flags, group=0):
 
 def _write(path, parts):
     """Arrays and bytes, back to back, to a temporary file renamed to path once complete."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with atomic_output(path) as f:
         for part in parts:
             f.write(part if isinstance(part, bytes) else np.ascontiguousarray(part).data)

@@ -324,6 +324,17 @@ def autocast_context(device, dtype_name):
     return torch.autocast(device.split(":")[0], dtype=AUTOCAST_DTYPES[dtype_name])
 
 
+def pick_device(name):
+    """name, checked to be a device this machine has (cpu, cuda[:N], mps)."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={name} but CUDA is not available; use --device=cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device=mps but MPS is not available; use --device=cpu")
+    if not name.startswith(("cpu", "cuda", "mps")):
+        raise UserError(f"--device must be cpu, cuda[:N] or mps, got {name!r}")
+    return name
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token per row of logits (B, V): greedy at temperature 0, else sampled after top-k and top-p."""
     if temperature == 0.0:
@@ -464,7 +475,12 @@ def model_from_checkpoint(ckpt, device="cpu", merge=False, path="checkpoint"):
         if model.args != ModelArgs.from_dict(ckpt["model_args"]):
             raise UserError(f"{path}: its base checkpoint {base_path} has another model shape")
     else:
-        model = Transformer(ModelArgs.from_dict(ckpt["model_args"]))
+        args = ModelArgs.from_dict(ckpt["model_args"])
+        emb = state.get("tok_embeddings.weight")
+        if emb is None or tuple(emb.shape) != (args.vocab_size, args.dim):  # checked before a wrong shape is built
+            raise UserError(f"{path}: its weights do not match its model_args (vocab_size={args.vocab_size}, "
+                            f"dim={args.dim}); the file is damaged or not written by train.py")
+        model = Transformer(args)
     if lora:
         apply_lora(model, lora["rank"], lora["alpha"], lora.get("dropout", 0.0), lora["targets"])
     expected = model.state_dict()

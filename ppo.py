@@ -27,6 +27,7 @@ tokens in "prompt_tokens", "chosen_tokens", "rejected_tokens" when label wrote t
 read as an instruction and each story is encoded in the instruct layout, ending with EOS.
 """
 import json
+import math
 import os
 import re
 import shutil
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 
 import tinystories
 from configurator import UserError, cli, configure_subcommand
-from model import load_model, model_from_checkpoint, read_checkpoint, without_stop
+from model import load_model, model_from_checkpoint, pick_device, read_checkpoint, without_stop
 from tokenizer import instruct_prompt
 
 # -----------------------------------------------------------------------------
@@ -59,7 +60,7 @@ prompts = "auto"  # plain | instruct | auto (instruct for a model fine-tuned on 
 start_len = 30  # plain prompts: BOS + 1..start_len tokens of a story
 target_len = 200  # the length reward's target
 max_new_tokens = 300
-batch_size = 50  # rows per generate call
+batch_size = 50  # rows per generate call (label --auto: two per pair)
 show = 3  # eval: samples to print
 seed = 0
 device = "cpu"
@@ -233,13 +234,13 @@ def device_of(model):
 REWARD_TERM = re.compile(r"\s*(?:([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*)?(length|words|model:\S+)\s*")
 
 
-def parse_reward(spec):
+def parse_reward(spec, flag="reward"):
     """[(weight, name)] of a reward spec: terms such as length, 0.5*words or model:out-rm/ckpt.pt joined by +."""
     terms = []
     for part in spec.split("+"):
         m = REWARD_TERM.fullmatch(part)
-        if not m:
-            raise UserError(f"--reward={spec!r}: cannot read {part.strip()!r}; write terms such as length, "
+        if not m or not math.isfinite(float(m.group(1) or 1)):
+            raise UserError(f"--{flag}={spec!r}: cannot read {part.strip()!r}; write terms such as length, "
                             "0.5*words or model:out-rm/ckpt.pt joined by +")
         terms.append((float(m.group(1)) if m.group(1) else 1.0, m.group(2)))
     return terms
@@ -588,14 +589,14 @@ def read_preferences(path, tok, max_len):
 def json_lines(path):
     """(line number, value) of each non-blank line of a JSON-lines file; a line that does not parse is an error
     naming it."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
                     yield n, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {n} is not valid JSON ({e.msg} at column {e.colno}); fix or "
-                                    "remove that line") from None
+                except ValueError as e:  # bad JSON, or bytes that are not UTF-8
+                    where = f" ({e.msg} at column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+                    raise UserError(f"{path} line {n} is not valid JSON{where}; fix or remove that line") from None
 
 
 def pair_tokens(row, tok, where, max_len):
@@ -615,7 +616,9 @@ def pair_tokens(row, tok, where, max_len):
     if len(prompt) + max(len(chosen), len(rejected)) > max_len:
         raise UserError(f"{where}: {len(prompt) + max(len(chosen), len(rejected))} tokens exceed the model's "
                         f"max_seq_len={max_len}")
-    return {"chosen": prompt + chosen, "rejected": prompt + rejected, "tie": bool(row.get("tie", False))}
+    if not isinstance(row.get("tie", False), bool):
+        raise UserError(f"{where}: \"tie\" must be true or false, got {row['tie']!r}")
+    return {"chosen": prompt + chosen, "rejected": prompt + rejected, "tie": row.get("tie", False)}
 
 
 def split_pairs(pairs, val_fraction, path="the preference file"):
@@ -676,24 +679,41 @@ def evaluate_preferences(model, pairs, batch_size, ctx=nullcontext()):
 def answered(path):
     """The index of the next pair to show: one past the last answer in the preference file (0 when none).
 
-    A last line cut short by a crash never held a whole answer: it is dropped, with a note."""
+    A last line cut short by a crash never held a whole answer: it is dropped, with a note. Any other file is
+    refused untouched."""
     if not os.path.exists(path):
         return 0
+    if not os.path.isfile(path):
+        raise UserError(f"--out={path} is a directory; give a .jsonl file to append answers to")
     with open(path, "rb") as f:
         data = f.read()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
+    whole = data.rfind(b"\n") + 1 if data and not data.endswith(b"\n") else len(data)
+    next_index = 0
+    for n, line in enumerate(data[:whole].splitlines(), 1):
+        if not line.strip():
+            continue
         try:
-            json.loads(data[cut:])
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        index = row.get("index", n - 1) if isinstance(row, dict) else None
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise UserError(f"{path} line {n} is not an answer of ppo.py label (a JSON object with a whole-number "
+                            "\"index\"); give a new --out file")
+        next_index = max(next_index, index + 1)
+    tail = data[whole:]
+    if tail:
+        try:
+            json.loads(tail)
             with open(path, "ab") as f:  # whole, only its newline missing
                 f.write(b"\n")
+            return answered(path)
         except ValueError:
+            if not tail.startswith(b'{"index": '):
+                raise UserError(f"{path} does not end in answers of ppo.py label; give a new --out file") from None
             with open(path, "r+b") as f:
-                f.truncate(cut)
+                f.truncate(whole)
             print(f"note: dropped an unfinished last line of {path}", file=sys.stderr)
-    next_index = 0
-    for n, row in json_lines(path):
-        next_index = max(next_index, int(row.get("index", n - 1)) + 1 if isinstance(row, dict) else n)
     return next_index
 
 
@@ -789,7 +809,7 @@ def main(argv=None):
         raise UserError("--max_new_tokens, --batch_size and --num_prompts must be positive, --num_pairs not negative")
     from sample import load_tokenizer
     model, ckpt = load_model(checkpoint, merge=True)
-    model = frozen(model.to(device))
+    model = frozen(model.to(pick_device(device)))
     tok = load_tokenizer(ckpt, "", model.args.vocab_size)
     kind = default_prompts(ckpt) if prompts == "auto" else prompts
     data_vocab = 0 if (ckpt.get("config") or {}).get("vocab_source") == "llama2" else model.args.vocab_size
@@ -799,10 +819,13 @@ def main(argv=None):
             raise UserError("say where the answers go: --out=data/prefs.jsonl")
         stream = PromptStream(kind, "train", 1, data_vocab, start_len, seed, data_dir=data_dir)
         sha = (ckpt.get("tokenizer") or {}).get("sha256")
+        if auto:
+            parse_reward(auto, flag="auto")
         auto_reward = make_reward(auto, tok, kind, target_len, stops, model.args.max_seq_len, sha) if auto else None
         if not auto:
             print(f"labelling {out}: for each pair, say which story is better (answers are saved at once)")
-        written = label(model, tok, stream, out, max_new_tokens, stops, num_pairs, auto_reward, seed)
+        written = label(model, tok, stream, out, max_new_tokens, stops, num_pairs, auto_reward, seed,
+                        chunk=max(1, batch_size // 2))
         print(f"{written} answer(s) appended to {out}; it now reaches pair {answered(out)}")
         return
     score = make_reward(reward, tok, kind, target_len, stops, model.args.max_seq_len,

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import torch
 
 from configurator import UserError, cli, configure
-from model import AUTOCAST_DTYPES, autocast_context, load_model, without_stop
+from model import AUTOCAST_DTYPES, autocast_context, load_model, pick_device, without_stop
 from tokenizer import Tokenizer, instruct_prompt
 
 checkpoint = ""  # the ckpt.pt to sample from
@@ -46,9 +46,12 @@ def prompt_text(start_arg):
         return start_arg
     path = start_arg[len("FILE:"):]
     if not os.path.isfile(path):
-        raise UserError(f"--start=FILE:{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+        raise UserError(f"--start=FILE:{path}: " + ("a directory, not a file" if os.path.isdir(path) else "no such file"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        raise UserError(f"--start=FILE:{path} is not UTF-8 text; save the prompt as UTF-8") from None
 
 
 def sample(model, tok, text, as_instruction=False, n=1, new_tokens=256, temp=1.0, k=0, p=0.9, rng_seed=1337,
@@ -61,16 +64,6 @@ def sample(model, tok, text, as_instruction=False, n=1, new_tokens=256, temp=1.0
                               top_p=p if 0.0 < p < 1.0 else None, stop_tokens=stops, seed=rng_seed)
     rows = [without_stop(row, stops) for row in rows]
     return [tok.decode(row) if as_instruction else tok.decode(prompt + row) for row in rows]
-
-
-def pick_device(name):
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={name} but CUDA is not available; use --device=cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device=mps but MPS is not available; use --device=cpu")
-    if not name.startswith(("cpu", "cuda", "mps")):
-        raise UserError(f"--device must be cpu, cuda[:N] or mps, got {name!r}")
-    return name
 
 
 @cli

@@ -41,7 +41,7 @@ import ppo as rlhf
 import tinystories
 from configurator import UserError, atomic_output, cli, configure, current_config
 from model import ModelArgs, Transformer, apply_lora, autocast_context, lora_state_dict, model_from_checkpoint, \
-    read_checkpoint, save_checkpoint
+    pick_device, read_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -242,6 +242,18 @@ def check_settings(changed):
             raise UserError(f"--{k} must be positive, got {globals()[k]}")
     if max_iters < 0 or warmup_iters < 0:
         raise UserError("--max_iters and --warmup_iters must not be negative")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir={out_dir} is a file; give a directory for checkpoints and metrics")
+    if vocab_size <= 0:
+        raise UserError(f"--vocab_size must be positive, got {vocab_size}")
+    if min(learning_rate, min_lr, weight_decay, grad_clip) < 0:
+        raise UserError("--learning_rate, --min_lr, --weight_decay and --grad_clip must not be negative "
+                        "(--grad_clip=0 turns clipping off)")
+    if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+        raise UserError(f"--beta1 and --beta2 must lie in [0, 1), got {beta1} and {beta2}")
+    if lora_alpha <= 0 or not 0 <= lora_dropout < 1:
+        raise UserError(f"--lora_alpha must be positive and --lora_dropout in [0, 1), got {lora_alpha} and "
+                        f"{lora_dropout}")
     if lr_decay_iters is not None and (not isinstance(lr_decay_iters, int) or lr_decay_iters <= 0):
         raise UserError(f"--lr_decay_iters must be a positive integer (or None for max_iters), got {lr_decay_iters!r}")
     if peak_flops is not None and not (isinstance(peak_flops, (int, float)) and peak_flops > 0):
@@ -268,7 +280,7 @@ def check_ppo_settings():
         raise UserError(f"--kl_control must be adaptive or fixed, got {kl_control!r}")
     if kl_estimator not in ("k1", "k3"):
         raise UserError(f"--kl_estimator must be k1 or k3, got {kl_estimator!r}")
-    for k in ("rollouts", "ppo_epochs", "max_new_tokens", "start_len", "kl_horizon"):
+    for k in ("rollouts", "ppo_epochs", "max_new_tokens", "start_len", "kl_horizon", "target_len"):
         if globals()[k] <= 0:
             raise UserError(f"--{k} must be positive, got {globals()[k]}")
     if kl_control == "adaptive" and kl_target <= 0:
@@ -340,9 +352,10 @@ def check_tokenizer(meta, ckpt, path):
         raise UserError(f"{path} was trained with a {recorded['vocab_size']}-token tokenizer but the data uses "
                         f"{meta['vocab_size']} tokens")
     if recorded.get("sha256") and meta.get("tokenizer_sha256") and recorded["sha256"] != meta["tokenizer_sha256"]:
-        raise UserError(f"{path} was trained with the vocabulary of {recorded.get('path')} as it was then, but "
-                        f"the data was tokenized with another vocabulary ({meta['tokenizer']}); pretokenize with "
-                        "the checkpoint's tokenizer")
+        same = " (the same file, retrained since)" if recorded.get("path") == meta["tokenizer"] else ""
+        raise UserError(f"{path} was trained with the vocabulary of {recorded.get('path')}, but the data was "
+                        f"tokenized with another vocabulary, {meta['tokenizer']}{same}; pretokenize with the "
+                        "checkpoint's tokenizer")
 
 
 # ----------------------------------------------------------------------------- model
@@ -683,13 +696,13 @@ def reward_model_recipe(run):
 def setup_distributed():
     """(rank, local world size, world size, device) of this process; under torchrun joins the process group."""
     if int(os.environ.get("RANK", -1)) == -1:
-        return 0, 1, 1, device
+        return 0, 1, 1, pick_device(device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size, local_world = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if gradient_accumulation_steps % world_size:
         raise UserError(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
                         f"{world_size} processes: try --gradient_accumulation_steps={world_size}")
-    dev = device
+    dev = pick_device(device)
     if device.startswith("cuda"):
         dev = f"cuda:{local_rank}"
         torch.cuda.set_device(dev)

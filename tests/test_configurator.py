@@ -44,6 +44,19 @@ def test_mistakes_are_user_errors(argv, message):
     assert message in str(e.value)
 
 
+def test_text_settings_take_any_text():
+    ns = settings()
+    configure(ns, ["--init_from=1984", "--device=" + "once upon a time " * 3000])
+    assert ns["init_from"] == "1984" and ns["device"].startswith("once upon")
+
+
+def test_a_binary_file_is_not_read_as_a_config_file(tmp_path):
+    blob = tmp_path / "ckpt.pt"
+    blob.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(UserError, match=f"not a config file.*--checkpoint={blob}"):
+        configure(settings(), [str(blob)])
+
+
 def test_config_file_with_unknown_key(tmp_path):
     cfg = tmp_path / "cfg.py"
     cfg.write_text("learning_rte = 1e-3\n")
@@ -56,6 +69,16 @@ def test_script_exits_2_with_one_line():
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip() == "error: unknown setting --tokenizer_modle (did you mean --tokenizer_model?)"
+
+
+def test_unwritable_paths_are_one_line(tmp_path):
+    for path in ["", str(tmp_path)]:
+        with pytest.raises(UserError, match="give a file name"):
+            with atomic_output(path):
+                pass
+    with atomic_output(str(tmp_path / "new" / "dir" / "f.bin")) as f:  # missing directories are made
+        f.write(b"x")
+    assert (tmp_path / "new" / "dir" / "f.bin").read_bytes() == b"x"
 
 
 def test_atomic_output_keeps_old_file_on_failure(tmp_path):

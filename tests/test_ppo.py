@@ -426,6 +426,25 @@ def test_bad_input_is_one_line_and_exit_2(story_data, pretrained, tmp_path, caps
     assert "unknown subcommand" in one_error_line(capsys, ppo.main, ["lable"])
     assert "--out=" in one_error_line(capsys, ppo.main, ["label", f"--checkpoint={pretrained}"])
     assert "checkpoint not found" in one_error_line(capsys, ppo.main, ["eval", "--checkpoint=nowhere.pt"])
+    assert "cannot read" in one_error_line(capsys, train.main, [*base, "--reward=1e999*length"])
+    assert "--auto='lenght'" in one_error_line(capsys, ppo.main, label_argv(pretrained, story_data, tmp_path / "p",
+                                                                            "--auto=lenght"))
+    tie = tmp_path / "tie.jsonl"
+    tie.write_text('{"prompt": "a", "chosen": "b", "rejected": "c", "tie": "no"}\n' * 4)
+    assert '"tie" must be true or false' in one_error_line(capsys, train.main, [*rm, f"--preferences={tie}"])
+
+
+def test_label_refuses_an_out_file_that_is_not_its_answers(story_data, pretrained, tmp_path, capsys):
+    not_answers = {"ckpt.pt": open(pretrained, "rb").read(), "list.json": b'[{"index": 0},\n {"index": 1}]',
+                   "null_index.jsonl": b'{"index": null, "prompt": "a"}\n', "text.txt": b"a line\nno newline"}
+    for name, content in not_answers.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        line = one_error_line(capsys, ppo.main, label_argv(pretrained, story_data, path, "--auto=length"))
+        assert "not an answer of ppo.py label" in line or "does not end in answers" in line, line
+        assert path.read_bytes() == content
+    assert "is a directory" in one_error_line(capsys, ppo.main, label_argv(pretrained, story_data, tmp_path,
+                                                                           "--auto=length"))
 
 
 def test_eval_reports_scores_on_held_out_prompts(story_data, pretrained, capsys):

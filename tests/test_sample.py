@@ -86,17 +86,21 @@ def test_tokenizer_comes_from_the_checkpoint_or_the_flag(inference_models, tmp_p
 @pytest.mark.parametrize("flag, message", [
     ("--tokenizer=SHARED/llama2-tokenizer.model", "has 32000 tokens but the model"),
     ("--start=FILE:/nonexistent/prompt.txt", "no such file"),
+    ("--start=FILE:LATIN1", "is not UTF-8 text"),
     ("--temperature=-1.0", "out of range"),
     ("--top_p=1.5", "out of range"),
     ("--dtype=float8", "--dtype must be one of"),
     ("--device=cuda:7", "not available"),
     ("--start=" + "Once upon a time " * 40, "leaves no room"),
 ])
-def test_bad_settings_are_clear_errors(inference_models, shared_data, capsys, flag, message):
+def test_bad_settings_are_clear_errors(inference_models, shared_data, tmp_path, capsys, flag, message):
     if flag == "--device=cuda:7" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Caf\u00e9 story".encode("latin-1"))
     with pytest.raises(SystemExit) as e:
-        sample.main([f"--checkpoint={inference_models['trained']}", flag.replace("SHARED", shared_data)])
+        sample.main([f"--checkpoint={inference_models['trained']}",
+                     flag.replace("SHARED", shared_data).replace("LATIN1", str(latin1))])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err
 

@@ -84,6 +84,14 @@ def test_missing_or_bad_tokenizer_is_one_line_error(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and "not a sentencepiece model" in r.stderr
 
 
+def test_an_output_path_that_cannot_be_written_is_one_line(small_vocab, tmp_path):
+    (tmp_path / "a_file").write_bytes(b"")
+    r = subprocess.run([sys.executable, "tokenizer.py", f"--tokenizer-model={small_vocab}",
+                        f"--out={tmp_path / 'a_file' / 'tok.bin'}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "a_file" in r.stderr
+
+
 def test_vocab_mismatch_is_an_error(small_vocab):
     with pytest.raises(UserError, match="400 tokens but the model has 512"):
         Tokenizer(small_vocab).check_vocab(512)

@@ -306,7 +306,14 @@ def test_bad_input_is_one_line_and_exit_2(story_data, pretrained, tmp_path, caps
     assert "--vocab_size=32000" in one_error_line(capsys, [*data, "--vocab_source=llama2", "--vocab_size=512"])
     assert "tok0: run python tinystories.py pretokenize --vocab_size=0" in one_error_line(
         capsys, [*data, "--vocab_source=llama2"])
+    # optimizer and device settings are checked before anything is built
+    assert "must not be negative" in one_error_line(capsys, [*data, "--learning_rate=-1"])
+    assert "[0, 1)" in one_error_line(capsys, [*data, "--beta2=2"])
+    assert "--device must be" in one_error_line(capsys, [*data, "--device=gpu"])
+    assert "is a file" in one_error_line(capsys, [f"--data_dir={story_data}", f"--out_dir={other}"])
     # LoRA
+    assert "lora_dropout" in one_error_line(capsys, [*data, f"--init_from={pretrained}/ckpt.pt", "--lora_rank=4",
+                                                      "--lora_dropout=1.5"])
     assert "lora_rank" in one_error_line(capsys, [*data, f"--init_from={pretrained}/ckpt.pt", "--lora_rank=-1"])
     assert "--lora_rank=8" in one_error_line(capsys, [*data, f"--init_from={pretrained}/ckpt.pt",
                                                        "--lora_alpha=8"])

@@ -451,6 +451,8 @@ def save_checkpoint(obj, path):
 
 def read_checkpoint(path, device="cpu"):
     """The checkpoint dict at path, with a clear error for a missing or unreadable file."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a directory; give the checkpoint in it, e.g. {os.path.join(path, 'ckpt.pt')}")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:

@@ -105,10 +105,13 @@ def test_bad_settings_are_clear_errors(inference_models, shared_data, tmp_path, 
     assert e.value.code == 2 and message in err and "Traceback" not in err
 
 
-def test_missing_checkpoint_is_a_clear_error(capsys):
+def test_missing_checkpoint_is_a_clear_error(capsys, tmp_path):
     with pytest.raises(SystemExit):
         sample.main([])
     assert "say which checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sample.main([f"--checkpoint={os.devnull}x"])
     assert "checkpoint not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample.main([f"--checkpoint={tmp_path}"])
+    assert f"is a directory; give the checkpoint in it, e.g. {tmp_path}/ckpt.pt" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """The one Llama 2 model of the toolkit: training forward, KV-cache generation, sampling, LoRA, checkpoints."""
+import hashlib
 import inspect
 import math
 import os
@@ -476,6 +477,9 @@ def model_from_checkpoint(ckpt, device="cpu", merge=False, path="checkpoint"):
         model = base.cpu()
         if model.args != ModelArgs.from_dict(ckpt["model_args"]):
             raise UserError(f"{path}: its base checkpoint {base_path} has another model shape")
+        if ckpt.get("base_checksum") and weights_checksum(model) != ckpt["base_checksum"]:
+            raise UserError(f"{path}: its base checkpoint {base_path} has been trained on since these adapters were "
+                            "(its weights changed); restore that base, or train the adapters again")
     else:
         args = ModelArgs.from_dict(ckpt["model_args"])
         emb = state.get("tok_embeddings.weight")
@@ -499,6 +503,15 @@ def model_from_checkpoint(ckpt, device="cpu", merge=False, path="checkpoint"):
     if merge:
         merge_lora(model)
     return model.to(device)
+
+
+def weights_checksum(model):
+    """A short hash of a model's weights, to notice when a file it depends on has changed."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _resolve_base(base_path, ckpt_path):

@@ -507,7 +507,7 @@ def read_meta(vocab_size, instruct=False, data_dir=DATA_DIR):
         hint += " --tokenizer=path/to/tokenizer.model" if vocab_size == 0 else ""
         hint += " --instruct=True" if instruct else ""
         hint += f" --data_dir={data_dir}" if data_dir != DATA_DIR else ""
-        raise UserError(f"no pretokenized data in {pretok_dir(vocab_size, False, data_dir)}: run {hint}")
+        raise UserError(f"no pretokenized data in {pretok_dir(vocab_size, instruct, data_dir)}: run {hint}")
     with open(path) as f:
         return json.load(f)
 

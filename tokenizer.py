@@ -18,7 +18,8 @@ class Tokenizer:
     def __init__(self, model_path):
         if not os.path.isfile(model_path):
             raise UserError(f"tokenizer model not found: {model_path} "
-                            "(train one with: python tinystories.py train_vocab --vocab_size=512)")
+                            "(give the path of a sentencepiece .model, or train one with: python tinystories.py "
+                            "train_vocab --vocab_size=512)")
         self.model_path = model_path
         self.sp = SentencePieceProcessor()
         try:

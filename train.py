@@ -2,7 +2,7 @@
 
     python train.py                         # pretrain the 260K shape on data/tok512, sized for a 2-core CPU
     python train.py config/stories260K.py   # llama2.c's stories260K recipe (128 x 512 tokens per iteration)
-    python train.py --sft=True --init_from=out260K/ckpt.pt --out_dir=out260K-sft    # full SFT
+    python train.py --sft=True --init_from=out260K/ckpt.pt --out_dir=out-sft        # full SFT
     python train.py --sft=True --init_from=out260K/ckpt.pt --lora_rank=8 --out_dir=out-lora  # LoRA SFT
     python train.py --init_from=resume --out_dir=out260K                            # continue any run
     python train.py --ppo=True --init_from=out260K/ckpt.pt --reward=length --target_len=200 --out_dir=out-ppo
@@ -25,7 +25,6 @@ run of either mode starts from MODE_DEFAULTS' settings (the PPO fork's for PPO) 
 """
 import dataclasses
 import glob
-import hashlib
 import json
 import math
 import os
@@ -41,7 +40,7 @@ import ppo as rlhf
 import tinystories
 from configurator import UserError, atomic_output, cli, configure, current_config
 from model import ModelArgs, Transformer, apply_lora, autocast_context, lora_state_dict, model_from_checkpoint, \
-    pick_device, read_checkpoint, save_checkpoint
+    pick_device, read_checkpoint, save_checkpoint, weights_checksum
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -148,6 +147,7 @@ class Run:
     batches: Any  # the training stream; its state_dict goes into the checkpoint
     meta: dict  # the pretokenized data's meta.json
     base_checkpoint: Optional[str] = None  # a LoRA run's frozen base
+    base_checksum: Optional[str] = None  # and its weights' hash, so that a base trained on since is noticed
     iter_num: int = 0
     best_val_loss: float = float("inf")
     resumed: bool = False
@@ -361,18 +361,19 @@ def check_tokenizer(meta, ckpt, path):
 # ----------------------------------------------------------------------------- model
 
 def build_model(ckpt, path):
-    """The model to train and, for LoRA runs, the path of its frozen base checkpoint."""
+    """The model to train and, for LoRA runs, the path of its frozen base checkpoint and the base's checksum."""
     if init_from == "scratch":
         return Transformer(ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                                      vocab_size=vocab_size, multiple_of=multiple_of, max_seq_len=max_seq_len,
-                                     dropout=dropout)), None
+                                     dropout=dropout)), None, None
     if init_from == "resume":
-        return model_from_checkpoint(ckpt, path=path), ckpt.get("base_checkpoint")
+        return model_from_checkpoint(ckpt, path=path), ckpt.get("base_checkpoint"), ckpt.get("base_checksum")
     model = model_from_checkpoint(ckpt, merge=True, path=path)
     if lora_rank:  # adapters on the base exactly as saved, so that its checkpoint can rebuild it
+        checksum = weights_checksum(model)
         apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
-        return model, os.path.abspath(path)
-    return reshaped(model, dropout, max_seq_len), None
+        return model, os.path.abspath(path), checksum
+    return reshaped(model, dropout, max_seq_len), None, None
 
 
 def reshaped(model, new_dropout, new_max_seq_len):
@@ -532,7 +533,7 @@ def checkpoint(run, rng):
         "lora": lora,
     }
     if lora:
-        ckpt["base_checkpoint"] = run.base_checkpoint
+        ckpt["base_checkpoint"], ckpt["base_checksum"] = run.base_checkpoint, run.base_checksum
     ckpt.update(run.extra_state())
     return ckpt
 
@@ -740,12 +741,6 @@ def start_metrics(run):
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-def weights_checksum(model):
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def mode_name():
@@ -773,7 +768,7 @@ def run_training(ckpt, ckpt_path, rank, local_world, world_size, dev):
     meta = read_data_meta(ckpt)
     check_tokenizer(meta, ckpt, ckpt_path)
     torch.manual_seed(seed + rank)
-    raw_model, base_checkpoint = build_model(ckpt, ckpt_path)
+    raw_model, base_checkpoint, base_checksum = build_model(ckpt, ckpt_path)
     head = build_head(mode, ckpt, raw_model)
     check_memory(raw_model, dev, local_world)
     raw_model.to(dev)
@@ -797,7 +792,8 @@ def run_training(ckpt, ckpt_path, rank, local_world, world_size, dev):
                     gradient_as_bucket_view=True)
     run = Run(mode=mode, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler, ctx=ctx, device=dev,
               rank=rank, world_size=world_size, accum_steps=gradient_accumulation_steps // world_size,
-              batches=make_batches("train", rank, meta), meta=meta, base_checkpoint=base_checkpoint, head=head)
+              batches=make_batches("train", rank, meta), meta=meta, base_checkpoint=base_checkpoint,
+              base_checksum=base_checksum, head=head)
     step, evaluate, summary = lm_step, estimate_val_loss, None  # pretrain and sft differ only in their batches
     if mode == "ppo":
         step, evaluate, summary = ppo_recipe(run, ckpt, ckpt_path)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import tinystories
 import train
 from conftest import ROOT, TINY, pretrain_tiny
+from configurator import UserError
 from model import load_model, read_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
 
@@ -196,6 +197,13 @@ def test_lora_checkpoint_holds_only_adapters_and_base_is_untouched(story_data, s
     merged, _ = load_model(path, merge=True)
     x = torch.randint(0, 512, (1, 16))
     assert not torch.allclose(merged(x)[0], base(x)[0])
+    # adapters on a base that was trained on since are refused, not silently merged into another model
+    changed = read_checkpoint(base_path)
+    changed["model"]["norm.weight"] = changed["model"]["norm.weight"] + 0.01
+    save_checkpoint(changed, str(tmp_path / "base_trained_on.pt"))
+    save_checkpoint(dict(ckpt, base_checkpoint=str(tmp_path / "base_trained_on.pt")), str(tmp_path / "lora.pt"))
+    with pytest.raises(UserError, match="has been trained on since"):
+        load_model(str(tmp_path / "lora.pt"))
 
 
 def test_eval_only_and_always_save_checkpoint(story_data, pretrained, tmp_path):

@@ -1082,8 +1082,9 @@ static void chat(Session *z, const char *cli_user, const char *cli_system, int s
             n_prompt = encode(t, text, 1, 0, &prompt);
             free(text);
             if (pos + n_prompt >= steps) {
-                if (pos == 0) die("the prompt is %d tokens and -n %d leaves no room to answer; shorten it or raise -n",
-                                  n_prompt, steps);
+                if (pos == 0)
+                    die("the prompt is %d tokens and -n %d leaves no room to answer; shorten it or raise -n", n_prompt,
+                        steps);
                 fprintf(stderr, "the conversation has reached the context of %d tokens\n", steps);
                 break;
             }
@@ -1132,7 +1133,8 @@ static long long parse_int(const char *s, char flag, long long lo, long long hi)
     char *end;
     errno = 0;
     long long v = strtoll(s, &end, 10);
-    if (*s == 0 || isspace((unsigned char)*s) || *end != 0 || errno == ERANGE || v < lo || v > hi) die("-%c expects an integer in [%lld, %lld], got '%s'", flag, lo, hi, s);
+    if (*s == 0 || isspace((unsigned char)*s) || *end != 0 || errno == ERANGE || v < lo || v > hi)
+        die("-%c expects an integer in [%lld, %lld], got '%s'", flag, lo, hi, s);
     return v;
 }
 
@@ -1178,7 +1180,8 @@ int main(int argc, char **argv) {
     if (!is_gen && !is_instruct && !is_chat && !is_encode)
         die("unknown mode '%s'; choose generate, instruct, chat or encode", mode);
     if (system_prompt && !is_chat) die("-y (system prompt) is only used with -m chat");
-    if (is_instruct && (!prompt || !prompt[strspn(prompt, " \t\n\v\f\r")])) die("-m instruct needs the instruction: -i \"Write a story ...\"");
+    if (is_instruct && (!prompt || !prompt[strspn(prompt, " \t\n\v\f\r")]))
+        die("-m instruct needs the instruction: -i \"Write a story ...\"");
 
     Model model;
     load_model(&model, model_path);

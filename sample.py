@@ -46,7 +46,7 @@ def prompt_text(start_arg):
         return start_arg
     path = start_arg[len("FILE:"):]
     if not os.path.isfile(path):
-        raise UserError(f"--start=FILE:{path}: " + ("a directory, not a file" if os.path.isdir(path) else "no such file"))
+        raise UserError(f"--start=FILE:{path}: {'a directory, not a file' if os.path.isdir(path) else 'no such file'}")
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()

@@ -508,7 +508,7 @@ def test_missing_pretokenized_data_says_how_to_make_it(tmp_path, monkeypatch):
     with pytest.raises(UserError) as e:
         ts.read_meta(512)
     assert str(e.value) == "no pretokenized data in data/tok512: run python tinystories.py pretokenize --vocab_size=512"
-    with pytest.raises(UserError, match=r"data in data/tok512/instruct: .*pretokenize --vocab_size=512 --instruct=True$"):
+    with pytest.raises(UserError, match=r"in data/tok512/instruct: .* --vocab_size=512 --instruct=True$"):
         ts.InstructBatches("train", 2, 64, 512)
 
 

@@ -82,7 +82,7 @@ def test_pretraining_loss_falls_and_checkpoint_holds_the_contract(pretrained, st
 def test_config_files_build_the_published_shapes(name, params):
     train.configure(vars(train), [os.path.join(ROOT, "config", f"{name}.py")])
     with torch.device("meta"):
-        model, _ = train.build_model(None, None)
+        model, _, _ = train.build_model(None, None)
     assert sum(p.numel() for p in model.parameters()) == params  # llama2.c's counts
 
 

@@ -38,6 +38,10 @@ def cli(main):
             fail(f"{e.strerror or e}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else ""))
         except KeyboardInterrupt:
             fail("interrupted", status=130)
+        except Exception as e:
+            if isinstance(e.__context__, KeyboardInterrupt):  # e.g. torch.save's cleanup failing after Ctrl-C
+                fail("interrupted", status=130)
+            raise
     return wrapper
 
 

@@ -544,9 +544,9 @@ def save(run, improved):
     if not run.master:
         return
     ckpt = checkpoint(run, rng)
+    if improved and not always_save_checkpoint:  # best.pt first: a kill between the two must not leave ckpt.pt
+        save_checkpoint(ckpt, os.path.join(out_dir, "best.pt"))  # counting a best that best.pt does not hold
     save_checkpoint(ckpt, os.path.join(out_dir, "ckpt.pt"))
-    if improved and not always_save_checkpoint:
-        save_checkpoint(ckpt, os.path.join(out_dir, "best.pt"))
 
 
 def log_metrics(row):

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from configurator import UserError, atomic_output, configure
+from configurator import UserError, atomic_output, cli, configure
 from conftest import ROOT
 
 
@@ -79,6 +79,18 @@ def test_unwritable_paths_are_one_line(tmp_path):
     with atomic_output(str(tmp_path / "new" / "dir" / "f.bin")) as f:  # missing directories are made
         f.write(b"x")
     assert (tmp_path / "new" / "dir" / "f.bin").read_bytes() == b"x"
+
+
+def test_ctrl_c_is_one_line_even_when_cleanup_fails(capsys):
+    @cli
+    def interrupted_while_saving():
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("a writer's __exit__ failing on the half-written file")
+    with pytest.raises(SystemExit) as e:
+        interrupted_while_saving()
+    assert e.value.code == 130 and capsys.readouterr().err == "error: interrupted\n"
 
 
 def test_atomic_output_keeps_old_file_on_failure(tmp_path):

@@ -316,13 +316,13 @@ def last_token_scores(model, sequences, batch_size=64, ctx=nullcontext()):
 
 
 def make_reward(spec, tok, prompts_kind, target=200, stop_tokens=(), max_len=None, tokenizer_sha256=None,
-                ctx=nullcontext()):
+                ctx=nullcontext(), flag="reward"):
     """A function scoring rollouts by a reward spec: (prompts, responses) -> (scores (N,), {term: mean}).
 
     max_len: the longest query + response; tokenizer_sha256: the policy's tokenizer, checked against a reward
-    model's."""
+    model's; flag: the setting the spec came from, named in errors."""
     terms = []
-    for weight, name in parse_reward(spec):
+    for weight, name in parse_reward(spec, flag):
         if name == "words" and prompts_kind != "instruct":
             raise UserError("--reward=words needs instruct prompts, which say the words to use: fine-tune on "
                             "instructions (train.py --sft=True) and use --prompts=instruct")
@@ -616,9 +616,10 @@ def pair_tokens(row, tok, where, max_len):
     if len(prompt) + max(len(chosen), len(rejected)) > max_len:
         raise UserError(f"{where}: {len(prompt) + max(len(chosen), len(rejected))} tokens exceed the model's "
                         f"max_seq_len={max_len}")
-    if not isinstance(row.get("tie", False), bool):
-        raise UserError(f"{where}: \"tie\" must be true or false, got {row['tie']!r}")
-    return {"chosen": prompt + chosen, "rejected": prompt + rejected, "tie": row.get("tie", False)}
+    tie = row.get("tie", False)
+    if not isinstance(tie, bool):
+        raise UserError(f"{where}: \"tie\" must be true or false, got {tie!r}")
+    return {"chosen": prompt + chosen, "rejected": prompt + rejected, "tie": tie}
 
 
 def split_pairs(pairs, val_fraction, path="the preference file"):
@@ -819,9 +820,8 @@ def main(argv=None):
             raise UserError("say where the answers go: --out=data/prefs.jsonl")
         stream = PromptStream(kind, "train", 1, data_vocab, start_len, seed, data_dir=data_dir)
         sha = (ckpt.get("tokenizer") or {}).get("sha256")
-        if auto:
-            parse_reward(auto, flag="auto")
-        auto_reward = make_reward(auto, tok, kind, target_len, stops, model.args.max_seq_len, sha) if auto else None
+        auto_reward = make_reward(auto, tok, kind, target_len, stops, model.args.max_seq_len, sha,
+                                  flag="auto") if auto else None
         if not auto:
             print(f"labelling {out}: for each pair, say which story is better (answers are saved at once)")
         written = label(model, tok, stream, out, max_new_tokens, stops, num_pairs, auto_reward, seed,

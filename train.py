@@ -741,8 +741,6 @@ def start_metrics(run):
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-
-
 def mode_name():
     """The one place that picks the mode from the flags."""
     chosen = [name for name, on in (("sft", sft), ("ppo", ppo), ("reward_model", reward_model)) if on]

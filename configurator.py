@@ -10,8 +10,12 @@ import ast
 import contextlib
 import difflib
 import functools
+import glob
 import os
+import re
+import signal
 import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 
 class UserError(ValueError):
@@ -55,6 +59,7 @@ def atomic_output(path, mode="wb"):
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise UserError(f"cannot write {path}: {parent} is a file, not a directory")
     os.makedirs(parent, exist_ok=True)
+    remove_dead_temporaries(glob.escape(path) + ".tmp*")
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode) as f:
@@ -65,6 +70,53 @@ def atomic_output(path, mode="wb"):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_dead_temporaries(pattern):
+    """Delete the files matching pattern that a killed process left half-written: their names hold its id after
+    ".tmp" (path.tmpPID, or prefix.tmpPID.ext), and no process of that id is running."""
+    for tmp in glob.glob(pattern):
+        pid = re.search(r"\.tmp(\d+)(\.|$)", os.path.basename(tmp))
+        if pid and not pid_alive(int(pid.group(1))):
+            with contextlib.suppress(FileNotFoundError):  # another run cleaning up at the same moment
+                os.remove(tmp)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _start_worker(initializer, initargs):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the whole pool at once
+    if initializer:
+        initializer(*initargs)
+
+
+def map_in_processes(function, jobs, workers, initializer=None, initargs=()):
+    """Yield function(job) for every job as it finishes, in any order, from a pool of worker processes (none for
+    one worker). An error, Ctrl-C, or the caller stopping early ends every worker at once."""
+    if workers <= 1:
+        if initializer:
+            initializer(*initargs)
+        yield from map(function, jobs)
+        return
+    pool = ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(initializer, initargs))
+    finished = False
+    try:
+        for future in as_completed([pool.submit(function, job) for job in jobs]):
+            yield future.result()
+        finished = True
+    finally:
+        if not finished:  # don't wait for shards nobody will use (Python 3.14 names this terminate_workers)
+            for process in list((pool._processes or {}).values()):
+                process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def settable_keys(namespace):

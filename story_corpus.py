@@ -9,18 +9,16 @@ sentence variants. The instruction's three words are picked among the words the 
 feature is written into the story: quoted speech, a sad last paragraph, a moral, a surprise, an early hint
 that is "remembered" later, a quarrel.
 """
-import contextlib
 import functools
 import itertools
 import json
 import os
 import random
 import re
-from concurrent.futures import ProcessPoolExecutor
 
 from tqdm import tqdm
 
-from configurator import UserError, atomic_output, cli, configure
+from configurator import UserError, atomic_output, cli, configure, map_in_processes
 
 # -----------------------------------------------------------------------------
 # settings for `python story_corpus.py` (a preview; tinystories.py writes the corpus)
@@ -1281,13 +1279,12 @@ def write_corpus(out_dir, num_shards=10, stories_per_shard=12500, seed=0, progre
         raise UserError(f"{out_dir} is a file, not a folder: give another --out_dir or move the file away")
     os.makedirs(out_dir, exist_ok=True)
     workers = min(num_shards, os.cpu_count() or 1)
-    jobs = ([out_dir] * num_shards, range(num_shards), [stories_per_shard] * num_shards, [seed] * num_shards)
-    paths = []
+    shard = functools.partial(write_shard, out_dir, stories_per_shard=stories_per_shard, seed=seed)
     with tqdm(total=num_shards * stories_per_shard, unit="stories", desc="writing stories", disable=not progress) \
-            as bar, ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        for path in (pool.map if pool else map)(write_shard, *jobs):
-            paths.append(path)
+            as bar:
+        for _ in map_in_processes(shard, range(num_shards), workers):
             bar.update(stories_per_shard)
+    paths = [shard_path(out_dir, i) for i in range(num_shards)]
     return paths
 
 

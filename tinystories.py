@@ -20,8 +20,10 @@ Files, under data_dir (default data/):
 - meta.json beside each set of shards: vocab_size (the tokenizer's), tokenizer (its path), tokenizer_sha256 (of
   its vocabulary), eos, instruct, prompt_style, dtype, bos_id, eos_id, num_shards, num_tokens, and "shards": one
   entry per shard in order {"name", "source" (its file in TinyStories_all_data/), "source_size", "source_mtime_ns",
-  "stories", "tokens"}. It is written last: a folder without it is not finished.
+  "stories", "tokens"}. It is written last: a folder without it is not finished. Until then progress.json, in
+  the same layout, lists the shards done, so that a stopped pretokenize picks up where it was.
 """
+import glob
 import itertools
 import json
 import os
@@ -29,17 +31,15 @@ import re
 import shutil
 import sys
 import tarfile
-import tempfile
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 import requests
 import sentencepiece as spm
 from tqdm import tqdm
 
-from configurator import UserError, atomic_output, cli, configure_subcommand
+from configurator import UserError, atomic_output, cli, configure_subcommand, map_in_processes, remove_dead_temporaries
 from story_corpus import write_corpus
 from tokenizer import Tokenizer, instruct_example
 
@@ -223,6 +223,9 @@ def builtin(num_shards=num_shards, stories_per_shard=stories_per_shard, seed=see
     target = corpus_dir(data_dir)
     settings = {"num_shards": num_shards, "stories_per_shard": stories_per_shard, "seed": seed}
     stamp = os.path.join(target, BUILTIN_STAMP)
+    partial, old = target + ".partial", target + ".old"
+    for leftover in (partial, old):  # from a run killed before it finished
+        shutil.rmtree(leftover, ignore_errors=True)
     if os.path.isdir(target):
         if not os.path.exists(stamp):
             raise UserError(f"{target} holds a downloaded corpus; move it away, or give another --data_dir, "
@@ -231,14 +234,14 @@ def builtin(num_shards=num_shards, stories_per_shard=stories_per_shard, seed=see
             if json.load(f) == settings:
                 print(f"{target} already holds the built-in corpus with these settings; nothing to do")
                 return target
-    partial = target + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     write_corpus(partial, num_shards, stories_per_shard, seed, progress=True)
     with open(os.path.join(partial, BUILTIN_STAMP), "w") as f:
         json.dump(settings, f)
-    shutil.rmtree(target, ignore_errors=True)  # an earlier built-in corpus: ours to replace
+    if os.path.isdir(target):  # an earlier built-in corpus: ours to replace, stamp and all, by one rename
+        os.replace(target, old)
     os.replace(partial, target)
+    shutil.rmtree(old, ignore_errors=True)
     print(f"wrote {num_shards} shards of {stories_per_shard} stories to {target}")
     return target
 
@@ -270,10 +273,11 @@ def train_vocab(vocab_size, num_shards=num_shards, data_dir=DATA_DIR):
         raise UserError("train_vocab needs the size of the vocabulary: --vocab_size=512, for example")
     shards = story_shards(data_dir)[:max(num_shards, 1)]
     prefix = os.path.join(data_dir, f"tok{vocab_size}")
-    fd, text_file = tempfile.mkstemp(prefix="train_vocab.", suffix=".txt", dir=data_dir)
-    tmp_prefix = text_file[:-len(".txt")]
+    remove_dead_temporaries(glob.escape(prefix) + ".tmp*")
+    tmp_prefix = f"{prefix}.tmp{os.getpid()}"
+    text_file = tmp_prefix + ".txt"
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(text_file, "w", encoding="utf-8") as f:
             for shard in tqdm(shards, desc="text for train_vocab", unit="shard"):
                 for r in read_stories(shard):
                     f.write(r["story"].strip() + "\n")
@@ -443,11 +447,13 @@ def pretokenize(vocab_size, tokenizer_model="", eos=False, instruct=False, promp
             "bos_id": tok.bos_id, "eos_id": tok.eos_id}
     old = {}
     meta_path = os.path.join(out_dir, "meta.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            previous = json.load(f)
-        if all(previous.get(k) == v for k, v in meta.items() if k != "tokenizer"):
-            old = {e["name"]: e for e in previous["shards"]}
+    progress_path = os.path.join(out_dir, "progress.json")  # shards done by a run that was stopped
+    for path in (meta_path, progress_path):
+        if os.path.exists(path):
+            with open(path) as f:
+                previous = json.load(f)
+            if all(previous.get(k) == v for k, v in meta.items() if k != "tokenizer"):
+                old.update((e["name"], e) for e in previous["shards"] if "tokens" in e)
     entries, jobs = [], []
     for source in sources:
         st = os.stat(source)
@@ -466,22 +472,17 @@ def pretokenize(vocab_size, tokenizer_model="", eos=False, instruct=False, promp
         print(f"{out_dir}: all {len(entries)} shards up to date; nothing to do")
         return out_dir
     if os.path.exists(meta_path):
-        os.remove(meta_path)  # until the new one is written, readers see the folder as unfinished
+        os.replace(meta_path, progress_path)  # until the new meta.json, readers see the folder as unfinished
     jobs.sort(key=lambda j: -j["entry"]["source_size"])  # largest first, so the pool finishes together
     workers = max(1, min(num_workers or os.cpu_count(), len(jobs)))
     finished = {}
-    with ProcessPoolExecutor(workers, initializer=_load_tokenizer, initargs=(model_path,)) as pool, \
-            tqdm(total=sum(j["entry"]["source_size"] for j in jobs), unit="B", unit_scale=True,
-                 desc="pretokenize") as bar:
-        futures = [pool.submit(_pretokenize_shard, job) for job in jobs]
-        try:
-            for future in as_completed(futures):
-                result = future.result()
-                finished[result["name"]] = result
-                bar.update(result["source_size"])
-        except BaseException:  # a bad shard: report it now rather than after all the others
-            pool.shutdown(cancel_futures=True)
-            raise
+    with tqdm(total=sum(j["entry"]["source_size"] for j in jobs), unit="B", unit_scale=True,
+              desc="pretokenize") as bar:
+        for result in map_in_processes(_pretokenize_shard, jobs, workers, _load_tokenizer, (model_path,)):
+            finished[result["name"]] = result
+            bar.update(result["source_size"])
+            with atomic_output(progress_path, "w") as f:  # so that a stopped run resumes where it was
+                json.dump({**meta, "shards": list(old.values()) + list(finished.values())}, f)
     entries = [finished.get(e["name"], e) for e in entries]
     keep = {e["name"] + ext for e in entries for ext in (".bin", ".idx", ".json")}
     for name in os.listdir(out_dir):  # shards of an earlier, larger corpus
@@ -490,6 +491,8 @@ def pretokenize(vocab_size, tokenizer_model="", eos=False, instruct=False, promp
     meta.update(num_shards=len(entries), num_tokens=sum(e["tokens"] for e in entries), shards=entries)
     with atomic_output(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
+    if os.path.exists(progress_path):
+        os.remove(progress_path)
     stories = sum(e["stories"] for e in entries)
     print(f"{out_dir}: {stories} {'examples' if instruct else 'stories'}, {meta['num_tokens']} tokens, "
           f"{meta['num_tokens'] / max(stories, 1):.1f} per {'example' if instruct else 'story'}")

@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ppo as rlhf
 import tinystories
-from configurator import UserError, atomic_output, cli, configure, current_config
+from configurator import UserError, atomic_output, cli, configure, current_config, remove_dead_temporaries
 from model import ModelArgs, Transformer, apply_lora, autocast_context, lora_state_dict, model_from_checkpoint, \
     pick_device, read_checkpoint, save_checkpoint, weights_checksum
 from tokenizer import Tokenizer
@@ -711,34 +711,26 @@ def setup_distributed():
     return rank, local_world, world_size, dev
 
 
-def remove_stale_temporaries():
-    """Delete half-written checkpoints left by a killed run (atomic_output names them path.tmpPID)."""
-    for tmp in glob.glob(os.path.join(out_dir, "*.tmp*")):
-        pid = tmp.rsplit(".tmp", 1)[1]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            os.remove(tmp)
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def start_metrics(run):
     """A new run starts metrics.jsonl afresh; a resumed one drops rows after its checkpoint."""
     path = os.path.join(out_dir, "metrics.jsonl")
     rows = []
     if run.resumed and os.path.isfile(path):
         with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            rows = [parse_metrics_row(line) for line in f if line.strip()]
+        rows = [r for r in rows if r is not None]
         rows = [r for r in rows if r["iter"] < run.iter_num or ("val_loss" in r and r["iter"] == run.iter_num)]
     with atomic_output(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def parse_metrics_row(line):
+    """One row of metrics.jsonl, or None for a line a killed run left half-written."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("iter"), int) else None
 
 
 def mode_name():
@@ -807,7 +799,7 @@ def run_training(ckpt, ckpt_path, rank, local_world, world_size, dev):
     ckpt = None  # free the checkpoint's tensors
     if run.master:
         os.makedirs(out_dir, exist_ok=True)
-        remove_stale_temporaries()
+        remove_dead_temporaries(os.path.join(glob.escape(out_dir), "*.tmp*"))  # from a killed run
         start_metrics(run)
         n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         tokens_per_iter = gradient_accumulation_steps * batch_size * max_seq_len

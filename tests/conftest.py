@@ -18,6 +18,14 @@ def pretrain_tiny(data_dir, out_dir, max_seq_len, max_iters, eval_every, eval_it
     return out_dir
 
 
+def dead_pid():
+    """The id of a process that has ended, as a killed writer's would be."""
+    import subprocess
+    p = subprocess.Popen([sys.executable, "-c", ""])
+    p.wait()
+    return p.pid
+
+
 @pytest.fixture
 def shared_data():
     """../shared/data: reference files written by llama2.c (skips where it is absent)."""

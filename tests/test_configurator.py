@@ -1,10 +1,13 @@
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from configurator import UserError, atomic_output, cli, configure
-from conftest import ROOT
+from configurator import UserError, atomic_output, cli, configure, map_in_processes
+from conftest import ROOT, dead_pid
 
 
 def settings():
@@ -104,6 +107,51 @@ def test_atomic_output_keeps_old_file_on_failure(tmp_path):
     with atomic_output(str(target)) as f:
         f.write(b"new")
     assert target.read_bytes() == b"new"
+
+
+def test_atomic_output_removes_what_killed_writers_left(tmp_path):
+    target = tmp_path / "ckpt.pt"
+    killed, running = tmp_path / f"ckpt.pt.tmp{dead_pid()}", tmp_path / f"ckpt.pt.tmp{os.getppid()}"
+    other = tmp_path / f"best.pt.tmp{dead_pid()}"  # not this file's: left for its own writer
+    for f in (killed, running, other):
+        f.write_bytes(b"half")
+    with atomic_output(str(target)) as f:
+        f.write(b"whole")
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in (target, running, other))
+
+
+def square_slowly(n):
+    if n < 0:
+        raise UserError(f"no square for {n}")
+    print(f"started {os.getpid()}", flush=True)
+    time.sleep(n)
+    return n * n
+
+
+def test_map_in_processes_yields_every_result_and_stops_at_an_error():
+    assert sorted(map_in_processes(square_slowly, [0, 0, 0], workers=2)) == [0, 0, 0]
+    assert list(map_in_processes(square_slowly, [0, 0], workers=1)) == [0, 0]
+    started = time.time()
+    with pytest.raises(UserError, match="no square for -1"):
+        list(map_in_processes(square_slowly, [60, -1], workers=2))
+    assert time.time() - started < 30  # the other worker's minute was not waited for
+
+
+def test_ctrl_c_stops_the_workers_at_once():
+    script = ("import sys; sys.path[:0] = [{!r}, {!r}]; from configurator import cli, map_in_processes; "
+              "from test_configurator import square_slowly; "
+              "cli(lambda: list(map_in_processes(square_slowly, [60, 60, 60], workers=2)))()"
+              ).format(ROOT, os.path.join(ROOT, "tests"))
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    workers = [int(p.stdout.readline().split()[1]) for _ in range(2)]
+    os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the parent and its workers alike
+    started = time.time()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err == "error: interrupted\n" and time.time() - started < 30
+    for pid in workers:  # reaped by the parent, not left running
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_each_configure_starts_from_the_defaults():

@@ -16,7 +16,7 @@ import torch
 import tinystories as ts
 from configurator import UserError
 from tokenizer import Tokenizer, instruct_example, instruct_prompt
-from conftest import ROOT
+from conftest import ROOT, dead_pid
 
 VOCAB = 512
 
@@ -237,9 +237,11 @@ def test_builtin_is_deterministic_and_runs_once(data, tmp_path, capsys):
     status, out, _ = run_cli(capsys, "builtin", *[f"--{k}={v}" for k, v in settings.items()], f"--data_dir={d}")
     assert status == 0 and "nothing to do" in out
     assert os.path.getmtime(os.path.join(ts.corpus_dir(d), "data00.json")) == mtime
+    for leftover in (".partial", ".old"):  # as a run killed while replacing a corpus leaves them
+        shutil.copytree(ts.corpus_dir(d), ts.corpus_dir(d) + leftover)
     ts.builtin(num_shards=2, stories_per_shard=20, seed=settings["seed"] + 1, data_dir=d)  # a new corpus
     assert sorted(os.listdir(ts.corpus_dir(d))) == [".builtin", "data00.json", "data01.json"]
-    assert records(d, 0) != records(data, 0)
+    assert records(d, 0) != records(data, 0) and os.listdir(d) == ["TinyStories_all_data"]
 
 
 def test_builtin_and_download_do_not_overwrite_each_other(serve, tmp_path):
@@ -271,6 +273,10 @@ def test_train_vocab_has_llama2c_settings_and_leaves_no_temp_files(data, tok, mo
     digits = Tokenizer(ts.train_vocab(VOCAB, data_dir=d))
     assert [p.strip("▁") for p in pieces(digits, "2024")] == ["", "2", "0", "2", "4"]
     assert [f for f in os.listdir(d) if "train_vocab" in f or ".tmp" in f] == []
+    killed = os.path.join(d, f"tok{VOCAB}.tmp{dead_pid()}.txt")  # a run killed while it wrote the text
+    open(killed, "w").close()
+    ts.train_vocab(VOCAB, data_dir=d)
+    assert not os.path.exists(killed)
 
 
 def test_train_vocab_too_small_is_one_line(data, tmp_path):
@@ -376,6 +382,33 @@ def test_pretokenize_is_idempotent(data, tmp_path, capsys):
     tokens = ts.load_shard(VOCAB, 0, data_dir=d)
     assert tokens[0] == 1 and tokens[-1] == 2 and np.sum(tokens == 1) == np.sum(tokens == 2) == len(records(d, 0))
     assert all(after[n] != t for n, t in mtimes().items())
+
+
+def test_stopped_pretokenize_resumes_where_it_was(data, tmp_path, monkeypatch):
+    d = copy_of(data, tmp_path)
+    shutil.rmtree(ts.pretok_dir(VOCAB, data_dir=d))
+    done = []
+
+    def stopped_at_the_third(job):
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        done.append(job["entry"]["name"])
+        return tokenize(job)
+    tokenize = ts._pretokenize_shard
+    monkeypatch.setattr(ts, "_pretokenize_shard", stopped_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        ts.pretokenize(VOCAB, num_workers=1, data_dir=d)
+    with pytest.raises(UserError, match="pretokenize"):  # unfinished: not for training yet
+        ts.read_meta(VOCAB, data_dir=d)
+    first = list(done)
+    done.clear()
+    monkeypatch.setattr(ts, "_pretokenize_shard", lambda job: done.append(job["entry"]["name"]) or tokenize(job))
+    ts.pretokenize(VOCAB, num_workers=1, data_dir=d)
+    assert len(first) == 2 and sorted(first + done) == [f"data{i:02d}" for i in range(len(ts.story_shards(d)))]
+    folder = ts.pretok_dir(VOCAB, data_dir=d)
+    assert "progress.json" not in os.listdir(folder)
+    for i in range(len(ts.story_shards(d))):
+        assert np.array_equal(ts.load_shard(VOCAB, i, data_dir=d), ts.load_shard(VOCAB, i, data_dir=data))
 
 
 # -----------------------------------------------------------------------------

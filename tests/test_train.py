@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import tinystories
 import train
-from conftest import ROOT, TINY, pretrain_tiny
+from conftest import ROOT, TINY, dead_pid, pretrain_tiny
 from configurator import UserError
 from model import load_model, read_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
@@ -133,7 +133,12 @@ def test_resume_reproduces_the_loss_curve(mode, story_data, sft_model, tmp_path)
     train.main(common + [f"--out_dir={whole}", "--max_iters=12"])
     train.main(common + [f"--out_dir={halves}", "--max_iters=6"])
     assert read_checkpoint(os.path.join(halves, "ckpt.pt"))["iter_num"] == 6
+    with open(os.path.join(halves, "metrics.jsonl"), "a") as f:  # as a run killed mid-line leaves it
+        f.write('{"iter": 7, "lo')
+    half_written = os.path.join(halves, f"best.pt.tmp{dead_pid()}")
+    open(half_written, "wb").close()
     train.main(["--init_from=resume", f"--out_dir={halves}", "--max_iters=12"])
+    assert not os.path.exists(half_written)
     (rows_a, evals_a), (rows_b, evals_b) = metrics(whole), metrics(halves)
     assert [r["iter"] for r in rows_b] == list(range(12))
     assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]  # bit for bit

@@ -309,6 +309,25 @@ def test_chat_mode_with_long_prompts_and_turns(binaries, inference_models, expor
     assert r.stdout.count(b"Assistant:") >= 1 and b"Enter system prompt" in r.stdout
 
 
+def test_chat_turns_until_the_context_is_full(binaries, inference_models, tmp_path):
+    model, _ = load_model(inference_models["random"], merge=True)
+    eos = Tokenizer(inference_models["tokenizer"]).eos_id
+    with torch.no_grad():  # a model that answers every turn with EOS at once: dimension 0 alone makes the logits
+        model.tok_embeddings.weight[:, 0] = 1.0
+        model.tok_embeddings.weight[eos, 0] = 2.0
+        model.norm.weight.zero_()[0] = 1.0
+        for layer in model.layers:  # nothing but the embedding writes dimension 0, so it stays positive
+            layer.attention.wo.weight[0].zero_()
+            layer.feed_forward.w2.weight[0].zero_()
+    path = str(tmp_path / "eos.bin")
+    export.export(model, path, 1, eos=True, tok=Tokenizer(inference_models["tokenizer"]))
+    r = run_c(binaries["run_asan"][0], path, "-z", inference_models["tokenizer_bin"], "-m", "chat", "-n", "60",
+              "-t", "0", "-y", "", stdin=b"hi\nand again\n" + b"tell me a much longer story " * 8 + b"\n")
+    assert r.returncode == 0 and b"Sanitizer" not in r.stderr, r.stderr
+    assert r.stdout.count(b"Assistant:") == 2 and r.stdout.count(b"User:") == 3
+    assert r.stderr.strip() == b"the conversation has reached the context of 60 tokens"
+
+
 def good_runs(models, tok_bin):
     return [[models["trained", 0], "-z", tok_bin, "-t", "0", "-n", "60", "-i", "Once upon a time"],
             [models["random", 1], "-z", tok_bin, "-t", "0.9", "-p", "0.9", "-s", "3", "-i", "café 🎉  x"],

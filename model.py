@@ -115,6 +115,11 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.max_len = max_len
 
+    def keep_rows(self, index):
+        """Keep only the given batch rows (a new, smaller cache in place of this one's tensors)."""
+        self.k = [k[index] for k in self.k]
+        self.v = [v[index] for v in self.v]
+
 
 class Attention(nn.Module):
     def __init__(self, args):
@@ -265,20 +270,27 @@ class Transformer(nn.Module):
         logits = self.output(h[:, -1])
         out = [[] for _ in range(B)]
         out_logits = [[] for _ in range(B)]
+        rows = list(range(B))  # the prompt each row of the batch continues
         done = torch.zeros(B, dtype=torch.bool, device=device)
         stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+        padded = bool(pad.any())
         for t in range(T0, T0 + max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             drawn = nxt.tolist()
-            for b in (~done).nonzero().flatten().tolist():
-                out[b].append(drawn[b])
+            for i in (~done).nonzero().flatten().tolist():
+                out[rows[i]].append(drawn[i])
                 if return_logits:
-                    out_logits[b].append(logits[b].float())
+                    out_logits[rows[i]].append(logits[i].float())
             if len(stop):
                 done |= torch.isin(nxt, stop)
             if bool(done.all()) or t + 1 >= total:
                 break
-            mask = key_valid[:, None, None, :t + 1] if pad.any() else None
+            if int(done.sum()) * 8 >= len(rows):  # drop finished rows, now and then: every step of theirs is waste
+                keep = (~done).nonzero().flatten()
+                cache.keep_rows(keep)
+                rows = [rows[i] for i in keep.tolist()]
+                nxt, key_valid, positions, done = nxt[keep], key_valid[keep], positions[keep], done[keep]
+            mask = key_valid[:, None, None, :t + 1] if padded else None
             h = self.hidden_states(nxt[:, None], positions[:, t:t + 1], cache=cache, start=t, mask=mask)
             logits = self.output(h[:, -1])
         if return_logits:

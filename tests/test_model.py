@@ -119,6 +119,24 @@ def test_generate_seed_reproduces_and_stop_token_ends_row():
     assert b[0] == a[0][:a[0].index(stop) + 1]
 
 
+def test_rows_that_stopped_leave_the_batch_and_the_rest_run_on_unchanged():
+    model = tiny()
+    g = torch.Generator().manual_seed(0)
+    prompts = [[1] + torch.randint(3, 64, (int(n),), generator=g).tolist() for n in torch.randint(1, 6, (16,))]
+    free = model.generate(prompts, 24, temperature=0.0)
+    stops = {row[i] for i, row in zip(range(2, 14), free)}  # rows end at many different steps
+    batch_sizes = []
+    orig = model.hidden_states
+    model.hidden_states = lambda tokens, *a, **kw: batch_sizes.append(tokens.shape[0]) or orig(tokens, *a, **kw)
+    out, step_logits = model.generate(prompts, 24, temperature=0.0, stop_tokens=stops, return_logits=True)
+    model.hidden_states = orig
+    assert batch_sizes[0] == 16 and min(batch_sizes) < 16  # finished rows were dropped on the way
+    for p, row, lg in zip(prompts, out, step_logits):
+        assert row == model.generate([p], 24, temperature=0.0, stop_tokens=stops)[0]
+        full, _ = model(torch.tensor([p + row]))
+        assert torch.allclose(full[0, len(p) - 1:len(p) - 1 + len(row)], lg, atol=1e-5)
+
+
 def test_generate_stops_at_max_seq_len():
     model = tiny(max_seq_len=16)
     out = model.generate([[1] * 10], 50, temperature=0.0)

@@ -8,6 +8,7 @@ line on stderr and exit status 2.
 """
 import ast
 import contextlib
+import ctypes
 import difflib
 import functools
 import glob
@@ -92,8 +93,13 @@ def pid_alive(pid):
     return True
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
 def _start_worker(initializer, initargs):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the whole pool at once
+    if sys.platform.startswith("linux"):  # and a parent killed outright takes its workers with it
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if initializer:
         initializer(*initargs)
 

@@ -154,6 +154,30 @@ def test_ctrl_c_stops_the_workers_at_once():
             os.kill(pid, 0)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+def test_workers_end_with_a_parent_killed_outright():
+    script = ("import sys; sys.path[:0] = [{!r}, {!r}]; from configurator import map_in_processes; "
+              "from test_configurator import square_slowly; list(map_in_processes(square_slowly, [60, 60], workers=2))"
+              ).format(ROOT, os.path.join(ROOT, "tests"))
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    workers = [int(p.stdout.readline().split()[1]) for _ in range(2)]
+    p.kill()
+    p.wait()
+    deadline = time.time() + 30
+    while any(alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers)
+
+
+def alive(pid):
+    """Running, as opposed to ended (a zombie waiting for init to reap it counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_each_configure_starts_from_the_defaults():
     ns = settings()
     configure(ns, ["--batch_size=3"])

@@ -123,7 +123,7 @@ def test_atomic_output_removes_what_killed_writers_left(tmp_path):
 def square_slowly(n):
     if n < 0:
         raise UserError(f"no square for {n}")
-    print(f"started {os.getpid()}", flush=True)
+    os.write(sys.stdout.fileno(), f"started {os.getpid()}\n".encode())  # one write: lines never interleave
     time.sleep(n)
     return n * n
 

@@ -73,6 +73,15 @@ def atomic_output(path, mode="wb"):
             os.remove(tmp)
 
 
+def require_file(path, what, hint=""):
+    """A UserError unless path is a file; a folder and a missing path each get their own message."""
+    hint = f" ({hint})" if hint else ""
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path} is a folder, not a file{hint}")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}{hint}")
+
+
 def remove_dead_temporaries(pattern):
     """Delete the files matching pattern that a killed process left half-written: their names hold its id after
     ".tmp" (path.tmpPID, or prefix.tmpPID.ext), and no process of that id is running."""
@@ -176,8 +185,7 @@ def configure(namespace, argv=None):
     changed = {}
     for arg in argv:
         if not arg.startswith("--"):
-            if not os.path.isfile(arg):
-                raise UserError(f"config file not found: {arg}")
+            require_file(arg, "config file")
             file_ns = {}
             try:
                 with open(arg, encoding="utf-8") as f:

@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tinystories
-from configurator import UserError, cli, configure_subcommand
+from configurator import UserError, cli, configure_subcommand, require_file
 from model import load_model, model_from_checkpoint, pick_device, read_checkpoint, without_stop
 from tokenizer import instruct_prompt
 
@@ -571,9 +571,7 @@ def read_preferences(path, tok, max_len):
     """The pairs of a JSONL preference file: [{"chosen", "rejected": prompt + story tokens, "tie": bool}].
 
     Skipped answers are left out; a line that is not a preference is an error naming the line."""
-    if not os.path.isfile(path):
-        raise UserError(f"preference file not found: {path} (label pairs with python ppo.py label "
-                        f"--checkpoint=... --out={path})")
+    require_file(path, "preference file", f"label pairs with python ppo.py label --checkpoint=... --out={path}")
     pairs = []
     for n, row in json_lines(path):
         if not isinstance(row, dict):

@@ -9,17 +9,15 @@ import struct
 import numpy as np
 from sentencepiece import SentencePieceProcessor
 
-from configurator import UserError, atomic_output, cli, configure
+from configurator import UserError, atomic_output, cli, configure, require_file
 
 INSTRUCT_SUFFIX = " Possible story:"
 
 
 class Tokenizer:
     def __init__(self, model_path):
-        if not os.path.isfile(model_path):
-            raise UserError(f"tokenizer model not found: {model_path} "
-                            "(give the path of a sentencepiece .model, or train one with: python tinystories.py "
-                            "train_vocab --vocab_size=512)")
+        require_file(model_path, "tokenizer model", "give the path of a sentencepiece .model, or train one with: "
+                     "python tinystories.py train_vocab --vocab_size=512")
         self.model_path = model_path
         self.sp = SentencePieceProcessor()
         try:

@@ -40,6 +40,7 @@ def test_config_file_then_overrides(tmp_path):
     (["--compile=yes"], "--compile expects True or False"),
     (["--max_iters"], "--max_iters needs a value"),
     (["config/nope.py"], "config file not found: config/nope.py"),
+    (["config"], "config file config is a folder, not a file"),
 ])
 def test_mistakes_are_user_errors(argv, message):
     with pytest.raises(UserError) as e:

@@ -422,6 +422,7 @@ def test_bad_input_is_one_line_and_exit_2(story_data, pretrained, tmp_path, caps
     broken.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n')
     assert "line 2 is not valid JSON" in one_error_line(capsys, train.main, [*rm, f"--preferences={broken}"])
     assert "preference file not found" in one_error_line(capsys, train.main, [*rm, "--preferences=nowhere.jsonl"])
+    assert "is a folder, not a file" in one_error_line(capsys, train.main, [*rm, f"--preferences={tmp_path}"])
     assert "say what to do" in one_error_line(capsys, ppo.main, [])
     assert "unknown subcommand" in one_error_line(capsys, ppo.main, ["lable"])
     assert "--out=" in one_error_line(capsys, ppo.main, ["label", f"--checkpoint={pretrained}"])

@@ -74,6 +74,8 @@ def test_cli_writes_bin_beside_model(small_vocab, tmp_path):
 def test_missing_or_bad_tokenizer_is_one_line_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         Tokenizer(str(tmp_path / "nope.model"))
+    with pytest.raises(UserError, match="is a folder, not a file"):
+        Tokenizer(str(tmp_path))
     junk = tmp_path / "junk.model"
     junk.write_text("this is not a sentencepiece model")
     with pytest.raises(UserError, match="not a sentencepiece model"):

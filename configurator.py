@@ -122,15 +122,14 @@ def map_in_processes(function, jobs, workers, initializer=None, initargs=()):
         yield from map(function, jobs)
         return
     pool = ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(initializer, initargs))
-    finished = False
     try:
         for future in as_completed([pool.submit(function, job) for job in jobs]):
             yield future.result()
-        finished = True
+    except BaseException:  # GeneratorExit too: don't wait for shards nobody will use
+        for process in list((pool._processes or {}).values()):  # Python 3.14 calls this terminate_workers
+            process.terminate()
+        raise
     finally:
-        if not finished:  # don't wait for shards nobody will use (Python 3.14 names this terminate_workers)
-            for process in list((pool._processes or {}).values()):
-                process.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
 
 

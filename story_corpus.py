@@ -1284,8 +1284,7 @@ def write_corpus(out_dir, num_shards=10, stories_per_shard=12500, seed=0, progre
             as bar:
         for _ in map_in_processes(shard, range(num_shards), workers):
             bar.update(stories_per_shard)
-    paths = [shard_path(out_dir, i) for i in range(num_shards)]
-    return paths
+    return [shard_path(out_dir, i) for i in range(num_shards)]
 
 
 @cli

@@ -718,8 +718,8 @@ def start_metrics(run):
     if run.resumed and os.path.isfile(path):
         with open(path) as f:
             rows = [parse_metrics_row(line) for line in f if line.strip()]
-        rows = [r for r in rows if r is not None]
-        rows = [r for r in rows if r["iter"] < run.iter_num or ("val_loss" in r and r["iter"] == run.iter_num)]
+        rows = [r for r in rows if r is not None and
+                (r["iter"] < run.iter_num or ("val_loss" in r and r["iter"] == run.iter_num))]
     with atomic_output(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 

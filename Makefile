@@ -51,5 +51,5 @@ runomp:  # as runfast, plus OpenMP threads (OMP_NUM_THREADS)
 	$(CC) $(RUN_CFLAGS) -march=native -fopenmp -o $(or $(RUN_OUT),run) run.c -lm
 
 run_asan:  # AddressSanitizer + UBSan, for the bad-input tests
-	$(CC) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
+	$(CC) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all \
 		-ffp-contract=off -Wall -Wextra -o $(or $(RUN_OUT),run_asan) run.c -lm

@@ -511,6 +511,10 @@ def model_from_checkpoint(ckpt, device="cpu", merge=False, path="checkpoint"):
     if missing or unexpected or wrong:
         detail = (wrong or [f"missing {k}" for k in missing] or [f"unexpected {k}" for k in unexpected])[0]
         raise UserError(f"{path}: weights do not match its model_args ({detail})")
+    broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken:
+        raise UserError(f"{path}: {broken} holds NaN or infinite values (a training run that diverged); use an "
+                        "earlier checkpoint, e.g. best.pt, or train again with a lower learning_rate")
     model.load_state_dict(state, strict=False)
     if merge:
         merge_lora(model)

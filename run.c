@@ -147,10 +147,16 @@ typedef struct {  /* an activation vector quantised to int8 in groups, as Q8_0 w
 static void quantize(QVec *out, const float *x, int n, int gs) {
     for (int g = 0; g < n / gs; g++) {
         float wmax = 0.0f;
-        for (int k = 0; k < gs; k++) wmax = fmaxf(wmax, fabsf(x[g * gs + k]));
-        float scale = wmax / 127.0f;
+        int finite = 1;
+        for (int k = 0; k < gs; k++) wmax = fmaxf(wmax, fabsf(x[g * gs + k])), finite &= isfinite(x[g * gs + k]);
+        /* NaN or infinity (weights of a diverged run) must reach the logits, where they are reported, not turn
+           into int8 values (converting them is undefined): a NaN scale and zero values carry them there */
+        float scale = finite ? wmax / 127.0f : NAN;
         out->s[g] = scale;
-        for (int k = 0; k < gs; k++) out->q[g * gs + k] = scale > 0.0f ? (int8_t)roundf(x[g * gs + k] / scale) : 0;
+        for (int k = 0; k < gs; k++) {
+            float v = scale > 0.0f ? roundf(x[g * gs + k] / scale) : 0.0f;
+            out->q[g * gs + k] = (int8_t)(v > -127.0f ? (v < 127.0f ? v : 127.0f) : -127.0f);  /* rounding */
+        }
     }
 }
 
@@ -166,10 +172,11 @@ static void rows_q8(float *out, const int8_t *wq, const float *ws, const QVec *x
 }
 
 /* e^x within about 2 ulp (x clamped to [-87, 88]): round(x / ln 2) powers of two times a polynomial. The
-   scalar and the 8-lane versions do the same operations, so every build gets the same bits. */
+   scalar and the 8-lane versions do the same operations, so every build gets the same bits. The clamps are
+   written so that NaN (from a corrupt model file) becomes -87: converting NaN to an integer is undefined. */
 static inline float exp1(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
+    x = x > -87.0f ? x : -87.0f;
+    x = x < 88.0f ? x : 88.0f;
     float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  /* round to nearest: 1.5 * 2^23 */
     float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-6f;  /* ln 2 in two parts */
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
@@ -186,8 +193,8 @@ static inline v8f splat(float a) { return (v8f){a, a, a, a, a, a, a, a}; }
 
 static inline v8f exp8(const v8f *px) {  /* vectors go by pointer: by value, the portable build's ABI differs */
     v8f x = *px;
-    x = SELECT8(x < splat(-87.0f), splat(-87.0f), x);
-    x = SELECT8(x > splat(88.0f), splat(88.0f), x);
+    x = SELECT8(x > splat(-87.0f), x, splat(-87.0f));
+    x = SELECT8(x < splat(88.0f), x, splat(88.0f));
     v8f n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
     v8f r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-6f;
     v8f p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
@@ -1021,10 +1028,18 @@ static double now_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+static int all_finite(const float *x, int n) {
+    for (int i = 0; i < n; i++) if (!isfinite(x[i])) return 0;
+    return 1;
+}
+
 /* Forward token at pos and choose the next one: forced (a prompt token) or sampled. */
 static int step(Session *z, int token, int pos, int forced) {
     float *logits = forward(z->m, z->s, token, pos, forced < 0 || z->log);
     int vocab = z->m->c.vocab_size;
+    if (logits && !all_finite(logits, vocab))
+        die("the logits at position %d are not finite: the model's weights hold NaN or infinity (a training run "
+            "that diverged, or a damaged file)", pos);
     if (z->log) memcpy(z->log_buf, logits, vocab * sizeof(float));
     int next = forced >= 0 ? forced : sample(z->sampler, logits, vocab);
     if (z->log) {

@@ -554,6 +554,16 @@ def log_metrics(row):
         f.write(json.dumps(row) + "\n")
 
 
+def check_finite(name, value, it):
+    """Stop a run that diverged before it writes a checkpoint of NaN weights over the last good one."""
+    if not math.isfinite(value):
+        ckpt = os.path.join(out_dir, "ckpt.pt")
+        then = (f"{ckpt} keeps the last finite eval: resume from it" if os.path.exists(ckpt) else
+                "nothing was saved: start again")
+        raise UserError(f"training diverged: the {name} is {value} at iteration {it}; {then} with a lower "
+                        "--learning_rate (or more --warmup_iters)")
+
+
 def train_loop(run, step, evaluate, summary=None):
     """Iterate from run.iter_num to max_iters: set the LR, eval and checkpoint, step, log. Shared by all modes.
 
@@ -583,6 +593,7 @@ def train_loop(run, step, evaluate, summary=None):
                 log_metrics({"iter": it, **evals})
                 more = "".join(f" | {k.removeprefix('val_')} {v:.4g}" for k, v in evals.items() if k != "val_loss")
                 print(f"iter {it}: val loss {val_loss:.4f}" + (" (best)" if improved else "") + more, flush=True)
+                check_finite("val loss", val_loss, it)
             if (it > 0 or at_end) and not eval_only:
                 save(run, improved)
             t_last, iters_since, tokens_since = time.perf_counter(), 0, 0
@@ -605,6 +616,7 @@ def train_loop(run, step, evaluate, summary=None):
             print(f"iter {it} | {summary(row) if summary else f'loss {loss.item():.4f}'} | lr {lr:.2e} | "
                   f"{dt * 1e3:.1f} ms/iter | "
                   f"{tokens_per_s:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu is not None else ""), flush=True)
+            check_finite("loss", row["loss"], it)
             t_last, iters_since, tokens_since = now, 0, 0
 
 

@@ -280,6 +280,15 @@ def test_checkpoint_whose_shapes_do_not_match_args_is_an_error(tmp_path):
         read_checkpoint(str(tmp_path / "missing.pt"))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_checkpoint_with_weights_that_are_not_finite_is_an_error(value):
+    model = tiny()
+    state = model.state_dict()
+    state["layers.1.feed_forward.w2.weight"][3, 4] = value
+    with pytest.raises(UserError, match="layers.1.feed_forward.w2.weight holds NaN or infinite"):
+        model_from_checkpoint({"model": state, "model_args": vars(model.args)})
+
+
 def test_optimizer_decays_only_matrices():
     model = tiny()
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")

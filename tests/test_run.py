@@ -342,6 +342,23 @@ def test_good_inputs_are_clean_under_sanitizers(binaries, inference_models, expo
         assert r.returncode == 0 and b"Sanitizer" not in r.stderr and b"runtime error" not in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_stop_with_an_error(binaries, inference_models, tmp_path, value):
+    """A diverged model's file passes every size check; its logits say what is wrong, never gibberish."""
+    model, _ = load_model(inference_models["random"], merge=True)
+    with torch.no_grad():
+        model.layers[0].attention_norm.weight[0] = value
+    tok = Tokenizer(inference_models["tokenizer"])
+    for version in (0, 1, 2):
+        path = str(tmp_path / f"broken_v{version}.bin")
+        export.export(model, path, version, eos=True, tok=tok)
+        for flags in (["-t", "0"], ["-t", "1", "-p", "0.9"], ["-t", "1", "-p", "1"]):
+            r = run_c(binaries["run_asan"][0], path, "-z", inference_models["tokenizer_bin"], "-n", "20", *flags)
+            err = r.stderr.decode(errors="replace")
+            assert r.returncode == 2 and "Sanitizer" not in err and "runtime error" not in err, err
+            assert err.startswith("error: the logits at position 0 are not finite") and err.count("\n") == 1, err
+
+
 def corrupt_files(d, model_bin, tok_bin):
     """Broken model and tokenizer files, each with a word the error message must contain."""
     data = open(model_bin, "rb").read()

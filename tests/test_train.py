@@ -227,6 +227,18 @@ def test_eval_only_and_always_save_checkpoint(story_data, pretrained, tmp_path):
     assert all(0 < r["mfu"] < 1 for r in rows)
 
 
+def test_a_run_that_diverges_stops_and_keeps_its_last_finite_checkpoint(story_data, tmp_path, capsys):
+    out = str(tmp_path / "diverge")
+    common = [*TINY, f"--data_dir={story_data}", f"--out_dir={out}", "--batch_size=2", "--max_seq_len=16",
+              "--eval_interval=2", "--eval_iters=1", "--log_interval=1", "--warmup_iters=0"]
+    train.main([*common, "--max_iters=2"])
+    good = read_checkpoint(os.path.join(out, "ckpt.pt"))
+    line = one_error_line(capsys, [*common, "--init_from=resume", "--max_iters=40", "--learning_rate=1e6"])
+    assert "training diverged" in line and "ckpt.pt keeps the last finite eval" in line
+    kept = read_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert kept["iter_num"] == 2 and all(torch.equal(kept["model"][k], v) for k, v in good["model"].items())
+
+
 KILLED_RUN = """
 import sys, time, torch
 sys.path.insert(0, {root!r})

@@ -268,6 +268,9 @@ class Transformer(nn.Module):
         mask = None if not pad.any() else prefill_mask[:, None]
         h = self.hidden_states(tokens, positions[:, :T0], cache=cache, start=0, mask=mask)
         logits = self.output(h[:, -1])
+        if not bool(torch.isfinite(logits).all()):  # no sampler can draw from them: say why instead
+            raise UserError("the model's logits are not finite: its weights hold NaN or infinity (a training run "
+                            "that diverged)")
         out = [[] for _ in range(B)]
         out_logits = [[] for _ in range(B)]
         rows = list(range(B))  # the prompt each row of the batch continues

@@ -289,6 +289,14 @@ def test_checkpoint_with_weights_that_are_not_finite_is_an_error(value):
         model_from_checkpoint({"model": state, "model_args": vars(model.args)})
 
 
+def test_generate_from_weights_that_are_not_finite_is_an_error():
+    model = tiny()
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    with pytest.raises(UserError, match="logits are not finite"):
+        model.generate([[1, 5, 7]], max_new_tokens=4)
+
+
 def test_optimizer_decays_only_matrices():
     model = tiny()
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")

@@ -410,12 +410,6 @@ def _pretokenize_shard(job):
     return {**job["entry"], "stories": len(records), "tokens": int(tokens.size)}
 
 
-def _outputs_exist(out_dir, entry, instruct, itemsize):
-    base = os.path.join(out_dir, entry["name"])
-    ok = os.path.exists(base + ".bin") and os.path.getsize(base + ".bin") == entry["tokens"] * itemsize
-    return ok and (not instruct or (os.path.exists(base + ".idx") and os.path.exists(base + ".json")))
-
-
 def pretokenize(vocab_size, tokenizer_model="", eos=False, instruct=False, prompt_style="default",
                 num_workers=0, data_dir=DATA_DIR):
     """Tokenize every shard into data/tok{N}[/instruct] in a process pool; shards already done are kept."""
@@ -449,11 +443,9 @@ def pretokenize(vocab_size, tokenizer_model="", eos=False, instruct=False, promp
     meta_path = os.path.join(out_dir, "meta.json")
     progress_path = os.path.join(out_dir, "progress.json")  # shards done by a run that was stopped
     for path in (meta_path, progress_path):
-        if os.path.exists(path):
-            with open(path) as f:
-                previous = json.load(f)
-            if all(previous.get(k) == v for k, v in meta.items() if k != "tokenizer"):
-                old.update((e["name"], e) for e in previous["shards"] if "tokens" in e)
+        previous = _read_json(path) if os.path.exists(path) else None
+        if _well_formed(previous) and all(previous.get(k) == v for k, v in meta.items() if k != "tokenizer"):
+            old.update((e["name"], e) for e in previous["shards"] if "tokens" in e)  # a damaged file: redo all
     entries, jobs = [], []
     for source in sources:
         st = os.stat(source)
@@ -461,7 +453,7 @@ def pretokenize(vocab_size, tokenizer_model="", eos=False, instruct=False, promp
                  "source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
         done = old.get(entry["name"])
         if done and all(done[k] == entry[k] for k in entry) and \
-                _outputs_exist(out_dir, done, instruct, np.dtype(dtype).itemsize):
+                not _shard_damage(out_dir, done, np.dtype(dtype).itemsize, instruct):
             entries.append(done)
         else:
             entries.append(entry)
@@ -503,16 +495,60 @@ def pretokenize(vocab_size, tokenizer_model="", eos=False, instruct=False, promp
 # reading the shards (used by train.py and ppo.py)
 
 def read_meta(vocab_size, instruct=False, data_dir=DATA_DIR):
-    """The meta.json pretokenize writes beside the shards; a user error saying how to make it."""
-    path = os.path.join(pretok_dir(vocab_size, instruct, data_dir), "meta.json")
+    """The meta.json pretokenize writes beside the shards, once the shards' sizes are checked against it; a user
+    error saying how to make the data when it is missing or damaged."""
+    folder = pretok_dir(vocab_size, instruct, data_dir)
+    command = f"python tinystories.py pretokenize --vocab_size={vocab_size}"
+    command += " --tokenizer=path/to/tokenizer.model" if vocab_size == 0 else ""
+    command += " --instruct=True" if instruct else ""
+    command += f" --data_dir={data_dir}" if data_dir != DATA_DIR else ""
+    path = os.path.join(folder, "meta.json")
     if not os.path.exists(path):
-        hint = f"python tinystories.py pretokenize --vocab_size={vocab_size}"
-        hint += " --tokenizer=path/to/tokenizer.model" if vocab_size == 0 else ""
-        hint += " --instruct=True" if instruct else ""
-        hint += f" --data_dir={data_dir}" if data_dir != DATA_DIR else ""
-        raise UserError(f"no pretokenized data in {pretok_dir(vocab_size, instruct, data_dir)}: run {hint}")
-    with open(path) as f:
-        return json.load(f)
+        raise UserError(f"no pretokenized data in {folder}: run {command}")
+    meta = _read_json(path)
+    damage = _damage(folder, meta, instruct)
+    if damage:
+        raise UserError(f"the pretokenized data in {folder} is damaged ({damage}): run {command} again")
+    return meta
+
+
+def _read_json(path):
+    """The value in a JSON file, or None when it does not parse."""
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+
+
+def _well_formed(meta):
+    """Whether a parsed meta.json or progress.json has the fields that pretokenize and the readers use."""
+    return (isinstance(meta, dict) and meta.get("dtype") in ("uint16", "uint32")
+            and isinstance(meta.get("shards"), list)
+            and all(isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("tokens", 0), int)
+                    for e in meta["shards"]))
+
+
+def _damage(folder, meta, instruct):
+    """What is wrong with a folder of shards and its parsed meta.json, or None: sizes are checked, not tokens."""
+    if not _well_formed(meta) or not all("tokens" in e for e in meta["shards"]):
+        return "meta.json is not what pretokenize writes"
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    return next(filter(None, (_shard_damage(folder, e, itemsize, instruct) for e in meta["shards"])), None)
+
+
+def _shard_damage(folder, entry, itemsize, instruct):
+    """What is wrong with the files of one shard's meta.json entry, or None."""
+    name, tokens = entry["name"], entry["tokens"]
+    base = os.path.join(folder, name)
+    size = os.path.getsize(base + ".bin") if os.path.isfile(base + ".bin") else None
+    if size != tokens * itemsize:
+        found = "is missing" if size is None else f"has {size} bytes"
+        return f"{name}.bin {found} where meta.json's {tokens} tokens take {tokens * itemsize}"
+    if instruct and not (os.path.isfile(base + ".idx") and os.path.getsize(base + ".idx") % 24 == 0
+                         and os.path.isfile(base + ".json")):
+        return f"{name}.idx or {name}.json is missing or cut short"
+    return None
 
 
 def _split_names(meta, split, folder):

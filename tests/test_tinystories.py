@@ -545,6 +545,32 @@ def test_missing_pretokenized_data_says_how_to_make_it(tmp_path, monkeypatch):
         ts.InstructBatches("train", 2, 64, 512)
 
 
+def test_damaged_pretokenized_data_is_named_and_pretokenize_mends_it(data, tmp_path):
+    d = copy_of(data, tmp_path)
+    plain, instruct = ts.pretok_dir(VOCAB, data_dir=d), ts.pretok_dir(VOCAB, True, d)
+    meta = ts.read_meta(VOCAB, data_dir=d)
+    without_path = lambda m: {k: v for k, v in m.items() if k != "tokenizer"}  # a rewrite records the copy's path
+    for damage, expected in [(lambda: open(os.path.join(plain, "meta.json"), "w").write('{"shards": [1'),
+                              "meta.json is not what pretokenize writes"),
+                             (lambda: open(os.path.join(plain, "meta.json"), "w").write('{"dtype": "uint16"}'),
+                              "meta.json is not what pretokenize writes"),
+                             (lambda: os.truncate(os.path.join(plain, "data01.bin"), 1001),
+                              "data01.bin has 1001 bytes where meta.json's"),
+                             (lambda: os.remove(os.path.join(plain, "data00.bin")), "data00.bin is missing")]:
+        damage()
+        with pytest.raises(UserError) as e:
+            ts.PretrainBatches("train", 2, 8, VOCAB, data_dir=d)
+        assert expected in str(e.value) and str(e.value).endswith(f"--vocab_size={VOCAB} --data_dir={d} again")
+        ts.pretokenize(VOCAB, data_dir=d, num_workers=1)  # redoes what it cannot trust
+        assert without_path(ts.read_meta(VOCAB, data_dir=d)) == without_path(meta)
+    with open(os.path.join(instruct, "data01.idx"), "r+b") as f:
+        f.truncate(os.path.getsize(f.name) - 5)
+    with pytest.raises(UserError, match=r"data01.idx or data01.json is missing or cut short.*--instruct=True"):
+        ts.InstructBatches("train", 2, 64, VOCAB, data_dir=d)
+    for i in range(len(ts.story_shards(d))):
+        assert np.array_equal(ts.load_shard(VOCAB, i, data_dir=d), ts.load_shard(VOCAB, i, data_dir=data))
+
+
 def test_training_needs_two_shards(data, tmp_path):
     d = str(tmp_path)
     ts.builtin(num_shards=1, stories_per_shard=30, seed=0, data_dir=d)

@@ -77,10 +77,13 @@ def digest(obj):
 # ----------------------------------------------------------------------------- the stage record
 
 def read_record():
-    if not os.path.exists(path("stages.json")):
+    """Which stages ran, with what; empty when unreadable, so that every stage runs again."""
+    try:
+        with open(path("stages.json")) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
         return {}
-    with open(path("stages.json")) as f:
-        return json.load(f)
+    return record if isinstance(record, dict) else {}
 
 
 def write_record(record):

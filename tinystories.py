@@ -230,10 +230,9 @@ def builtin(num_shards=num_shards, stories_per_shard=stories_per_shard, seed=see
         if not os.path.exists(stamp):
             raise UserError(f"{target} holds a downloaded corpus; move it away, or give another --data_dir, "
                             "for the built-in one")
-        with open(stamp) as f:
-            if json.load(f) == settings:
-                print(f"{target} already holds the built-in corpus with these settings; nothing to do")
-                return target
+        if _read_json(stamp) == settings:  # a damaged stamp: the corpus is written again
+            print(f"{target} already holds the built-in corpus with these settings; nothing to do")
+            return target
     os.makedirs(partial)
     write_corpus(partial, num_shards, stories_per_shard, seed, progress=True)
     with open(os.path.join(partial, BUILTIN_STAMP), "w") as f:
@@ -498,18 +497,26 @@ def read_meta(vocab_size, instruct=False, data_dir=DATA_DIR):
     """The meta.json pretokenize writes beside the shards, once the shards' sizes are checked against it; a user
     error saying how to make the data when it is missing or damaged."""
     folder = pretok_dir(vocab_size, instruct, data_dir)
-    command = f"python tinystories.py pretokenize --vocab_size={vocab_size}"
-    command += " --tokenizer=path/to/tokenizer.model" if vocab_size == 0 else ""
-    command += " --instruct=True" if instruct else ""
-    command += f" --data_dir={data_dir}" if data_dir != DATA_DIR else ""
     path = os.path.join(folder, "meta.json")
     if not os.path.exists(path):
-        raise UserError(f"no pretokenized data in {folder}: run {command}")
+        raise UserError(f"no pretokenized data in {folder}: run {_pretokenize_command(vocab_size, instruct, data_dir)}")
     meta = _read_json(path)
     damage = _damage(folder, meta, instruct)
     if damage:
-        raise UserError(f"the pretokenized data in {folder} is damaged ({damage}): run {command} again")
+        raise _damaged(damage, vocab_size, instruct, data_dir)
     return meta
+
+
+def _pretokenize_command(vocab_size, instruct, data_dir):
+    command = f"python tinystories.py pretokenize --vocab_size={vocab_size}"
+    command += " --tokenizer=path/to/tokenizer.model" if vocab_size == 0 else ""
+    command += " --instruct=True" if instruct else ""
+    return command + (f" --data_dir={data_dir}" if data_dir != DATA_DIR else "")
+
+
+def _damaged(what, vocab_size, instruct, data_dir):
+    return UserError(f"the pretokenized data in {pretok_dir(vocab_size, instruct, data_dir)} is damaged ({what}): "
+                     f"run {_pretokenize_command(vocab_size, instruct, data_dir)} again")
 
 
 def _read_json(path):
@@ -702,8 +709,10 @@ def instruct_examples(split, vocab_size, data_dir=DATA_DIR):
     for n in _split_names(meta, split, folder):
         tokens = _open(os.path.join(folder, n + ".bin"), meta["dtype"])
         index = _read_index(folder, n)
-        with open(os.path.join(folder, n + ".json")) as f:
-            about = json.load(f)
+        about = _read_json(os.path.join(folder, n + ".json"))
+        if not isinstance(about, list) or len(about) != len(index) or not all(isinstance(a, dict) for a in about):
+            raise _damaged(f"{n}.json does not describe the {len(index)} examples of {n}.idx", vocab_size, True,
+                           data_dir)
         for (start, prompt_len, length), info in zip(index.tolist(), about):
             examples.append({"prompt": tokens[start:start + prompt_len].tolist(),
                              "story": tokens[start + prompt_len:start + length].tolist(), **info})

@@ -126,6 +126,13 @@ def test_an_interrupted_stage_resumes_and_a_changed_one_reruns_with_those_after_
     assert read_checkpoint(os.path.join(dirs["out"], "ppo", "ckpt.pt"))["iter_num"] == 3
 
 
+@pytest.mark.parametrize("content", ['{"corpus": {"made"', "[1, 2]", "\xff\xfe"])
+def test_an_unreadable_stage_record_means_every_stage_runs_again(tmp_path, monkeypatch, content):
+    monkeypatch.setattr(demo, "out_dir", str(tmp_path))
+    (tmp_path / "stages.json").write_bytes(content.encode("latin-1"))
+    assert demo.read_record() == {}
+
+
 @pytest.mark.parametrize("args, message", [
     (["--pretrain_args=--max_iters=5 --out_dir=elsewhere"], "'--out_dir=elsewhere' is not a train.py flag"),
     (["--sft_args=max_iters=5"], "'max_iters=5' is not a train.py flag"),

@@ -237,6 +237,10 @@ def test_builtin_is_deterministic_and_runs_once(data, tmp_path, capsys):
     status, out, _ = run_cli(capsys, "builtin", *[f"--{k}={v}" for k, v in settings.items()], f"--data_dir={d}")
     assert status == 0 and "nothing to do" in out
     assert os.path.getmtime(os.path.join(ts.corpus_dir(d), "data00.json")) == mtime
+    with open(os.path.join(ts.corpus_dir(d), ts.BUILTIN_STAMP), "w") as f:
+        f.write('{"num_shards": ')  # a damaged stamp: the corpus is written again, the same
+    ts.builtin(**settings, data_dir=d)
+    assert unpacked(d) == unpacked(data) and corpus_settings(d) == settings
     for leftover in (".partial", ".old"):  # as a run killed while replacing a corpus leaves them
         shutil.copytree(ts.corpus_dir(d), ts.corpus_dir(d) + leftover)
     ts.builtin(num_shards=2, stories_per_shard=20, seed=settings["seed"] + 1, data_dir=d)  # a new corpus
@@ -567,6 +571,11 @@ def test_damaged_pretokenized_data_is_named_and_pretokenize_mends_it(data, tmp_p
         f.truncate(os.path.getsize(f.name) - 5)
     with pytest.raises(UserError, match=r"data01.idx or data01.json is missing or cut short.*--instruct=True"):
         ts.InstructBatches("train", 2, 64, VOCAB, data_dir=d)
+    ts.pretokenize(VOCAB, instruct=True, data_dir=d, num_workers=1)
+    with open(os.path.join(instruct, "data01.json"), "w") as f:
+        f.write("[{}]")
+    with pytest.raises(UserError, match=r"data01.json does not describe the \d+ examples of data01.idx"):
+        ts.instruct_examples("train", VOCAB, data_dir=d)
     for i in range(len(ts.story_shards(d))):
         assert np.array_equal(ts.load_shard(VOCAB, i, data_dir=d), ts.load_shard(VOCAB, i, data_dir=data))
 

@@ -554,11 +554,11 @@ def log_metrics(row):
         f.write(json.dumps(row) + "\n")
 
 
-def check_finite(name, value, it):
-    """Stop a run that diverged before it writes a checkpoint of NaN weights over the last good one."""
+def check_finite(name, value, it, saved):
+    """Stop a run that diverged before it writes a checkpoint of NaN weights over the last good one (saved: this
+    run's ckpt.pt exists)."""
     if not math.isfinite(value):
-        ckpt = os.path.join(out_dir, "ckpt.pt")
-        then = (f"{ckpt} keeps the last finite eval: resume from it" if os.path.exists(ckpt) else
+        then = (f"{os.path.join(out_dir, 'ckpt.pt')} keeps the last finite eval: resume from it" if saved else
                 "nothing was saved: start again")
         raise UserError(f"training diverged: the {name} is {value} at iteration {it}; {then} with a lower "
                         "--learning_rate (or more --warmup_iters)")
@@ -569,7 +569,7 @@ def train_loop(run, step, evaluate, summary=None):
 
     step(run) returns (loss tensor, tokens) or (loss, tokens, stats for the log row); evaluate(run) the val
     loss, or a dict of it ("val_loss", what best.pt minimises) and more; summary(row) the log line's middle."""
-    first = True
+    first, saved = True, run.resumed
     t_last, iters_since, tokens_since = time.perf_counter(), 0, 0
     while True:
         it = run.iter_num
@@ -593,9 +593,10 @@ def train_loop(run, step, evaluate, summary=None):
                 log_metrics({"iter": it, **evals})
                 more = "".join(f" | {k.removeprefix('val_')} {v:.4g}" for k, v in evals.items() if k != "val_loss")
                 print(f"iter {it}: val loss {val_loss:.4f}" + (" (best)" if improved else "") + more, flush=True)
-                check_finite("val loss", val_loss, it)
+                check_finite("val loss", val_loss, it, saved)
             if (it > 0 or at_end) and not eval_only:
                 save(run, improved)
+                saved = True
             t_last, iters_since, tokens_since = time.perf_counter(), 0, 0
         if at_end:
             return
@@ -616,7 +617,7 @@ def train_loop(run, step, evaluate, summary=None):
             print(f"iter {it} | {summary(row) if summary else f'loss {loss.item():.4f}'} | lr {lr:.2e} | "
                   f"{dt * 1e3:.1f} ms/iter | "
                   f"{tokens_per_s:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu is not None else ""), flush=True)
-            check_finite("loss", row["loss"], it)
+            check_finite("loss", row["loss"], it, saved)
             t_last, iters_since, tokens_since = now, 0, 0
 
 

@@ -237,6 +237,10 @@ def test_a_run_that_diverges_stops_and_keeps_its_last_finite_checkpoint(story_da
     assert "training diverged" in line and "ckpt.pt keeps the last finite eval" in line
     kept = read_checkpoint(os.path.join(out, "ckpt.pt"))
     assert kept["iter_num"] == 2 and all(torch.equal(kept["model"][k], v) for k, v in good["model"].items())
+    # a new run in the same folder that diverges before its first save says so: the ckpt.pt there is not its own
+    line = one_error_line(capsys, [*common, "--max_iters=40", "--learning_rate=1e6", "--eval_interval=20"])
+    assert "nothing was saved: start again" in line
+    assert read_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] == 2
 
 
 KILLED_RUN = """

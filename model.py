@@ -233,6 +233,17 @@ class Transformer(nn.Module):
         h = self.hidden_states(tokens)
         return self.output(h), h
 
+    def next_token_logits(self, h):
+        """Logits of one hidden state per row (B, dim), as decoding needs them.
+
+        On the CPU as W @ h^T: for a few rows MKL's h @ W^T reads a large classifier several times slower (a
+        32000 x 288 one: 3.7 ms against 1.2 ms on a 2-core EPYC), and one row goes as two, whose product is
+        also the fast kind."""
+        if h.device.type != "cpu" or not isinstance(self.output, nn.Linear):
+            return self.output(h)
+        rows = h if len(h) > 1 else torch.cat([h, torch.zeros_like(h)])
+        return torch.mm(self.output.weight, rows.t()).t()[:len(h)]
+
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  stop_tokens=(), generator=None, seed=None, return_logits=False):
@@ -267,7 +278,7 @@ class Transformer(nn.Module):
         prefill_mask = causal & (key_valid[:, None, :T0] | torch.eye(T0, dtype=torch.bool, device=device))
         mask = None if not pad.any() else prefill_mask[:, None]
         h = self.hidden_states(tokens, positions[:, :T0], cache=cache, start=0, mask=mask)
-        logits = self.output(h[:, -1])
+        logits = self.next_token_logits(h[:, -1])
         if not bool(torch.isfinite(logits).all()):  # no sampler can draw from them: say why instead
             raise UserError("the model's logits are not finite: its weights hold NaN or infinity (a training run "
                             "that diverged)")
@@ -295,7 +306,7 @@ class Transformer(nn.Module):
                 nxt, key_valid, positions, done = nxt[keep], key_valid[keep], positions[keep], done[keep]
             mask = key_valid[:, None, None, :t + 1] if padded else None
             h = self.hidden_states(nxt[:, None], positions[:, t:t + 1], cache=cache, start=t, mask=mask)
-            logits = self.output(h[:, -1])
+            logits = self.next_token_logits(h[:, -1])
         if return_logits:
             return out, [torch.stack(rows) if rows else logits.new_zeros(0, logits.size(-1)) for rows in out_logits]
         return out

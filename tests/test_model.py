@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import UserError
-from model import (LoRALinear, ModelArgs, Transformer, apply_lora, apply_rope, lora_state_dict, merge_lora,
+from model import (Linear, LoRALinear, ModelArgs, Transformer, apply_lora, apply_rope, lora_state_dict, merge_lora,
                    load_model, model_from_checkpoint, read_checkpoint, sample_next,
                    save_checkpoint)
 
@@ -88,6 +88,22 @@ def test_forward_with_hidden_gives_logits_of_every_position():
     logits, hidden = model.forward_with_hidden(x)
     assert logits.shape == (3, 9, 64) and hidden.shape == (3, 9, 32)
     assert torch.allclose(logits, model(x)[0])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 48), (3, 48), (2, 4, 48), (4, 5, 48)])
+def test_linear_of_a_few_rows_equals_nn_linear_with_gradients(shape):
+    torch.manual_seed(0)
+    ours, plain = Linear(48, 40, bias=False), torch.nn.Linear(48, 40, bias=False)
+    plain.weight.data.copy_(ours.weight.data)
+    x = torch.randn(shape, requires_grad=True)
+    y = ours(x)
+    assert y.shape == shape[:-1] + (40,) and y.is_contiguous()
+    assert torch.allclose(y, plain(x), atol=1e-6)
+    y.square().sum().backward()
+    grad_x, grad_w = x.grad.clone(), ours.weight.grad.clone()
+    x.grad = None
+    plain(x).square().sum().backward()
+    assert torch.allclose(grad_x, x.grad, atol=1e-5) and torch.allclose(grad_w, plain.weight.grad, atol=1e-5)
 
 
 def test_kv_cache_logits_equal_full_forward_for_unequal_prompts():

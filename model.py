@@ -122,12 +122,14 @@ class KVCache:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that multiplies one to eight rows on the CPU (decoding) as W @ x^T: there, MKL's x @ W^T path
-    streams the weights at half the speed or less (13 against 29 GB/s measured on a 2-core EPYC), and one row
-    goes as two, because its matrix-vector path is as slow."""
+    """nn.Linear that multiplies one to eight rows (decoding) by a large matrix on the CPU as W @ x^T: MKL's
+    x @ W^T path streams such weights at half the speed or less (13 against 29 GB/s measured on a 2-core EPYC),
+    and one row goes as two, because its matrix-vector path is as slow. Below 2^19 weights the extra ops cost
+    more than they save: such a matrix is read in a few microseconds, often from the cache."""
 
     def forward(self, x):
-        if x.device.type != "cpu" or self.bias is not None or x.numel() > 8 * self.in_features:
+        if (x.device.type != "cpu" or self.bias is not None or x.numel() > 8 * self.in_features
+                or self.weight.numel() < 1 << 19):
             return super().forward(x)
         rows = x.reshape(-1, self.in_features)
         padded = rows if len(rows) > 1 else torch.cat([rows, torch.zeros_like(rows)])

@@ -90,15 +90,19 @@ def test_forward_with_hidden_gives_logits_of_every_position():
     assert torch.allclose(logits, model(x)[0])
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 48), (3, 48), (2, 4, 48), (4, 5, 48)])
-def test_linear_of_a_few_rows_equals_nn_linear_with_gradients(shape):
+@pytest.mark.parametrize("shape, own_path", [((1, 1, 512), True), ((3, 512), True), ((2, 4, 512), True),
+                                             ((4, 5, 512), False)])
+def test_linear_of_a_few_rows_equals_nn_linear_with_gradients(shape, own_path, monkeypatch):
     torch.manual_seed(0)
-    ours, plain = Linear(48, 40, bias=False), torch.nn.Linear(48, 40, bias=False)
+    ours, plain = Linear(512, 1024, bias=False), torch.nn.Linear(512, 1024, bias=False)  # 2^19 weights: large
     plain.weight.data.copy_(ours.weight.data)
+    calls, mm = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a: calls.append(1) or mm(*a))
     x = torch.randn(shape, requires_grad=True)
     y = ours(x)
-    assert y.shape == shape[:-1] + (40,) and y.is_contiguous()
-    assert torch.allclose(y, plain(x), atol=1e-6)
+    assert bool(calls) == own_path
+    assert y.shape == shape[:-1] + (1024,) and y.is_contiguous()
+    assert torch.allclose(y, plain(x), atol=1e-5)
     y.square().sum().backward()
     grad_x, grad_w = x.grad.clone(), ours.weight.grad.clone()
     x.grad = None

@@ -12,6 +12,7 @@ import ctypes
 import difflib
 import functools
 import glob
+import json
 import os
 import re
 import signal
@@ -71,6 +72,15 @@ def atomic_output(path, mode="wb"):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def read_json(path):
+    """The value in a JSON file, or None when the file is missing or does not parse (a state file to rebuild)."""
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return None
 
 
 def require_file(path, what, hint=""):

@@ -31,7 +31,7 @@ import ppo
 import tinystories
 import tokenizer
 import train
-from configurator import UserError, atomic_output, cli, configure
+from configurator import UserError, atomic_output, cli, configure, read_json
 from model import read_checkpoint
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -77,12 +77,8 @@ def digest(obj):
 # ----------------------------------------------------------------------------- the stage record
 
 def read_record():
-    """Which stages ran, with what; empty when unreadable, so that every stage runs again."""
-    try:
-        with open(path("stages.json")) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return {}
+    """Which stages ran, with what; empty when missing or unreadable, so that every stage runs again."""
+    record = read_json(path("stages.json"))
     return record if isinstance(record, dict) else {}
 
 

@@ -281,7 +281,8 @@ class Transformer(nn.Module):
         causal = idx[:T0, None] >= idx[None, :T0]
         # a pad query may see itself so that no softmax row is empty
         prefill_mask = causal & (key_valid[:, None, :T0] | torch.eye(T0, dtype=torch.bool, device=device))
-        mask = None if not pad.any() else prefill_mask[:, None]
+        padded = bool(pad.any())
+        mask = prefill_mask[:, None] if padded else None
         h = self.hidden_states(tokens, positions[:, :T0], cache=cache, start=0, mask=mask)
         logits = self.output(h[:, -1])
         if not bool(torch.isfinite(logits).all()):  # no sampler can draw from them: say why instead
@@ -292,7 +293,6 @@ class Transformer(nn.Module):
         rows = list(range(B))  # the prompt each row of the batch continues
         done = torch.zeros(B, dtype=torch.bool, device=device)
         stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
-        padded = bool(pad.any())
         for t in range(T0, T0 + max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             drawn = nxt.tolist()

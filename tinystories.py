@@ -39,7 +39,8 @@ import requests
 import sentencepiece as spm
 from tqdm import tqdm
 
-from configurator import UserError, atomic_output, cli, configure_subcommand, map_in_processes, remove_dead_temporaries
+from configurator import UserError, atomic_output, cli, configure_subcommand, map_in_processes, read_json, \
+    remove_dead_temporaries
 from story_corpus import write_corpus
 from tokenizer import Tokenizer, instruct_example
 
@@ -230,7 +231,7 @@ def builtin(num_shards=num_shards, stories_per_shard=stories_per_shard, seed=see
         if not os.path.exists(stamp):
             raise UserError(f"{target} holds a downloaded corpus; move it away, or give another --data_dir, "
                             "for the built-in one")
-        if _read_json(stamp) == settings:  # a damaged stamp: the corpus is written again
+        if read_json(stamp) == settings:  # a damaged stamp: the corpus is written again
             print(f"{target} already holds the built-in corpus with these settings; nothing to do")
             return target
     os.makedirs(partial)
@@ -442,7 +443,7 @@ def pretokenize(vocab_size, tokenizer_model="", eos=False, instruct=False, promp
     meta_path = os.path.join(out_dir, "meta.json")
     progress_path = os.path.join(out_dir, "progress.json")  # shards done by a run that was stopped
     for path in (meta_path, progress_path):
-        previous = _read_json(path) if os.path.exists(path) else None
+        previous = read_json(path)
         if _well_formed(previous) and all(previous.get(k) == v for k, v in meta.items() if k != "tokenizer"):
             old.update((e["name"], e) for e in previous["shards"] if "tokens" in e)  # a damaged file: redo all
     entries, jobs = [], []
@@ -500,7 +501,7 @@ def read_meta(vocab_size, instruct=False, data_dir=DATA_DIR):
     path = os.path.join(folder, "meta.json")
     if not os.path.exists(path):
         raise UserError(f"no pretokenized data in {folder}: run {_pretokenize_command(vocab_size, instruct, data_dir)}")
-    meta = _read_json(path)
+    meta = read_json(path)
     damage = _damage(folder, meta, instruct)
     if damage:
         raise _damaged(damage, vocab_size, instruct, data_dir)
@@ -517,15 +518,6 @@ def _pretokenize_command(vocab_size, instruct, data_dir):
 def _damaged(what, vocab_size, instruct, data_dir):
     return UserError(f"the pretokenized data in {pretok_dir(vocab_size, instruct, data_dir)} is damaged ({what}): "
                      f"run {_pretokenize_command(vocab_size, instruct, data_dir)} again")
-
-
-def _read_json(path):
-    """The value in a JSON file, or None when it does not parse."""
-    try:
-        with open(path, "rb") as f:
-            return json.load(f)
-    except ValueError:  # not JSON, or not UTF-8
-        return None
 
 
 def _well_formed(meta):
@@ -709,7 +701,7 @@ def instruct_examples(split, vocab_size, data_dir=DATA_DIR):
     for n in _split_names(meta, split, folder):
         tokens = _open(os.path.join(folder, n + ".bin"), meta["dtype"])
         index = _read_index(folder, n)
-        about = _read_json(os.path.join(folder, n + ".json"))
+        about = read_json(os.path.join(folder, n + ".json"))
         if not isinstance(about, list) or len(about) != len(index) or not all(isinstance(a, dict) for a in about):
             raise _damaged(f"{n}.json does not describe the {len(index)} examples of {n}.idx", vocab_size, True,
                            data_dir)

@@ -660,7 +660,8 @@ def preference_loss(scores, tie):
 
 @torch.no_grad()
 def evaluate_preferences(model, pairs, batch_size, ctx=nullcontext()):
-    """Mean Bradley-Terry loss and accuracy (share of decided pairs ranked right) of a reward model on pairs."""
+    """Mean Bradley-Terry loss and accuracy (share of decided pairs ranked right) of a reward model on pairs; no
+    accuracy when every pair is a tie."""
     model.eval()
     total, right, decided = 0.0, 0, 0
     for start in range(0, len(pairs), batch_size):
@@ -670,7 +671,7 @@ def evaluate_preferences(model, pairs, batch_size, ctx=nullcontext()):
         loss, r, d = preference_loss(scores[:, 0], tie)
         total += loss.item() * len(tie)
         right, decided = right + r, decided + d
-    return {"val_loss": total / len(pairs), "val_accuracy": right / decided if decided else float("nan")}
+    return {"val_loss": total / len(pairs), **({"val_accuracy": right / decided} if decided else {})}
 
 
 # ----------------------------------------------------------------------------- people in the loop

@@ -342,6 +342,15 @@ def test_reward_model_learns_a_synthetic_preference(story_data, pretrained, tmp_
     assert scores[0] > scores[1]
 
 
+def test_preference_accuracy_counts_decided_pairs_only():
+    model = tiny_policy()
+    pair = {"chosen": [1, 5, 6], "rejected": [1, 7], "tie": False}
+    decided = ppo.evaluate_preferences(model, [pair, {**pair, "tie": True}], batch_size=4)
+    assert decided["val_accuracy"] in (0.0, 1.0)  # one decided pair; the tie is not counted
+    ties = ppo.evaluate_preferences(model, [{**pair, "tie": True}] * 3, batch_size=2)
+    assert "val_accuracy" not in ties and math.isfinite(ties["val_loss"])  # no accuracy, not NaN
+
+
 def test_preference_files_with_tokens_and_split():
     tok_vocab = type("Tok", (), {"vocab_size": 100})()
     pairs = [{"chosen": [1, 2], "rejected": [1, 3], "tie": False} for _ in range(25)]

@@ -9,6 +9,7 @@ Any checkpoint train.py writes (LoRA adapters are merged, a PPO value head is ig
 instruct layout, and only the story is printed.
 """
 import os
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -59,6 +60,10 @@ def sample(model, tok, text, as_instruction=False, n=1, new_tokens=256, temp=1.0
     """Decoded samples of text's continuation (of the story only, for an instruction), ended at BOS or EOS."""
     prompt = instruct_prompt(tok, text) if as_instruction else tok.encode(text, bos=True)
     stops = (tok.bos_id, tok.eos_id)
+    context = model.args.max_seq_len
+    if len(prompt) + new_tokens > context and len(prompt) < context:
+        print(f"note: the model's context is {context} tokens, so samples stop after {context - len(prompt)} new "
+              f"tokens, not {new_tokens}", file=sys.stderr)
     with ctx:
         rows = model.generate([prompt] * n, new_tokens, temperature=temp, top_k=k or None,
                               top_p=p if 0.0 < p < 1.0 else None, stop_tokens=stops, seed=rng_seed)

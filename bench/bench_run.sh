@@ -3,8 +3,8 @@
 # models of llama2.c's 15M shape (dim 288, 6 layers, vocab 32000, seq 256) and 110M shape (dim 768, 12 layers,
 # seq 1024), and the rates as a share of this machine's 2-thread read bandwidth (batch-1 decoding reads every
 # weight once per token). Configurations run interleaved, REPS rounds; the figures are medians. The VM's
-# bandwidth swings from minute to minute, so each round's share divides its own rates by the bandwidth measured
-# in the same round.
+# bandwidth swings between about 35 and 67 GB/s within seconds, so each run's share divides its rate by the
+# bandwidth measured just before and just after it (the median pass of about a second's worth each time).
 #
 #   bench/bench_run.sh [REPS]          # default 5; models are made once in $BENCH_DIR (default out-bench)
 set -euo pipefail
@@ -27,38 +27,35 @@ CONFIGS=(
   "110M int8, -p 0.9|110M_v2.bin|-n 256 -t 1.0 -p 0.9|67|130"
   "110M fp32, -p 0.9, -n 1024|110M_v1.bin|-n 1024 -t 1.0 -p 0.9|-|-"
 )
+bandwidth() { "$DIR/bandwidth" 1024 60 | sed -n 's/.*median \([0-9.]*\) GB\/s.*/\1/p'; }
 RESULTS=$(mktemp)
 trap 'rm -f "$RESULTS"' EXIT
 for ((rep = 1; rep <= REPS; rep++)); do
   for i in "${!CONFIGS[@]}"; do
     IFS='|' read -r name file flags _ _ <<<"${CONFIGS[$i]}"
+    before=$(bandwidth)
     # shellcheck disable=SC2086
     rate=$("$DIR/runomp" "$DIR/$file" -z "$DIR/tok32000.bin" -s 42 $flags 2>&1 >/dev/null |
            sed -n 's/^achieved tok\/s: //p')
-    echo "$i $rep $rate" >>"$RESULTS"
+    echo "$i $rep $rate $(echo "$before $(bandwidth)" | awk '{print ($1 + $2) / 2}')" >>"$RESULTS"
   done
-  bw=$("$DIR/bandwidth" 1024 5 | sed -n 's/.*best \([0-9.]*\) GB\/s.*/\1/p')
-  echo "bw $rep $bw" >>"$RESULTS"
   echo "round $rep/$REPS done" >&2
 done
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-column_median() { grep "^$1 " "$RESULTS" | awk '{print $3}' | median; }
-# per round: rate x bytes / that round's bandwidth, in percent
-share_median() {
-  awk -v c="$1" -v b="$2" '$1 == "bw" {bw[$2] = $3} $1 == c {rate[$2] = $3}
-    END {for (r in rate) print 100 * rate[r] * b / 1e9 / bw[r]}' "$RESULTS" | median
-}
-BW=$(column_median bw)
+column_median() { grep "^$1 " "$RESULTS" | awk "{print \$$2}" | median; }
+# per run: rate x bytes / the bandwidth around that run, in percent
+share_median() { awk -v c="$1" -v b="$2" '$1 == c {print 100 * $3 * b / 1e9 / $4}' "$RESULTS" | median; }
+BW=$(awk '{print $4}' "$RESULTS" | median)
 echo
 echo "run.c (make runomp, OMP_NUM_THREADS=2), median of $REPS interleaved rounds"
 printf "%-30s %10s %12s %8s %18s\n" "model, sampler" "tok/s" "llama2.c" "target" "share of bandwidth"
 for i in "${!CONFIGS[@]}"; do
   IFS='|' read -r name file flags ref target <<<"${CONFIGS[$i]}"
-  rate=$(column_median "$i")
+  rate=$(column_median "$i" 3)
   bytes=$(($(stat -c %s "$DIR/$file") - 256))
   printf "%-30s %10.1f %12s %8s %17.0f%%\n" "$name" "$rate" "$ref" "$target" "$(share_median "$i" "$bytes")"
 done
-echo "read bandwidth with 2 threads (best pass, median of rounds): $BW GB/s"
-echo "share = median over rounds of tok/s x bytes of weights / that round's bandwidth; the 15M weights (61 MB)"
-echo "partly fit in the 32 MB L3 cache"
+echo "read bandwidth with 2 threads (median pass around each run, median of runs): $BW GB/s"
+echo "share = median over runs of tok/s x bytes of weights / the bandwidth around that run; the 15M weights"
+echo "(61 MB) partly fit in the 32 MB L3 cache"

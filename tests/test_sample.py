@@ -64,6 +64,17 @@ def test_lora_checkpoint_samples_like_its_merged_model(inference_models, tmp_pat
     assert with_lora != run(capsys, f"--checkpoint={inference_models['trained']}", *args)
 
 
+def test_samples_stop_at_the_context_with_a_note(inference_models, capsys):
+    model, _ = load_model(inference_models["random"])
+    context = model.args.max_seq_len
+    sample.main([f"--checkpoint={inference_models['random']}", "--start=Once", "--temperature=0",
+                 f"--max_new_tokens={10 * context}"])
+    out, err = capsys.readouterr()
+    assert f"context is {context} tokens" in err and f"not {10 * context}" in err and out.strip()
+    sample.main([f"--checkpoint={inference_models['random']}", "--start=Once", "--max_new_tokens=5"])
+    assert "context" not in capsys.readouterr().err
+
+
 def test_bfloat16_autocast_samples(inference_models, capsys):
     out = run(capsys, f"--checkpoint={inference_models['trained']}", "--dtype=bfloat16", "--temperature=0",
               "--max_new_tokens=20")

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -453,6 +454,23 @@ class PPOSettings:
     group_by_length: bool = True  # minibatches of rollouts of similar length (less padding), in shuffled order
 
 
+def processes():
+    """How many torchrun processes share this PPO run (1 without torchrun)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def mean_over_processes(x, dev="cpu"):
+    """x (a tensor, or a dict of floats) averaged over the torchrun processes: each rolls out its own prompts,
+    and whatever steers the run (early stop, the KL coefficient) must be the same in all of them."""
+    if processes() == 1:
+        return x
+    if isinstance(x, dict):
+        return dict(zip(x, mean_over_processes(torch.tensor(list(x.values()), dtype=torch.float64), dev).tolist()))
+    total = x.detach().to(dev, copy=True)
+    dist.all_reduce(total)
+    return (total / processes()).cpu()
+
+
 def minibatches(lengths, size, group_by_length=True):
     """Row indices of each minibatch of an epoch, drawn from torch's RNG. Grouped by length, the rows sorted by
     length (ties in random order) are cut into minibatches, which then come in random order."""
@@ -468,17 +486,20 @@ def ppo_iteration(model, reference, prompts, reward, kl_ctl, cfg, update, stop_t
     """Roll out, score, compute advantages, and update; returns the iteration's stats (the fork's names) and the
     number of response tokens.
 
-    model is the policy with its value head (a TransformerWithHead), reference the frozen TransformerWithHead
-    without a head, prompts a PromptStream, reward make_reward's function, update(loss) one optimizer step."""
+    model is the policy with its value head (a TransformerWithHead, or DDP around one under torchrun: then each
+    process rolls out its own prompts and the stats are means over processes), reference the frozen
+    TransformerWithHead without a head, prompts a PromptStream, reward make_reward's function, update(loss) one
+    optimizer step."""
     dev = device_of(model)
+    policy = getattr(model, "module", model)  # DDP's wrapper only for the update: its backward syncs gradients
     t0 = time.perf_counter()
     batch = next(prompts)
     queries = [p["tokens"] for p in batch]
-    responses = rollout(model.transformer, queries, cfg.max_new_tokens, stop_tokens, ctx=ctx)
+    responses = rollout(policy.transformer, queries, cfg.max_new_tokens, stop_tokens, ctx=ctx)
     t1 = time.perf_counter()
     scores, reward_parts = reward(batch, responses)
     data = Rollouts.pack(queries, responses)
-    old_logp, old_values, entropy = score_responses(model, data, cfg.batch_size, ctx)
+    old_logp, old_values, entropy = score_responses(policy, data, cfg.batch_size, ctx)
     ref_logp, _, _ = score_responses(reference, data, cfg.batch_size, ctx)
     t2 = time.perf_counter()
     mask = data.mask
@@ -503,12 +524,12 @@ def ppo_iteration(model, reference, prompts, reward, kl_ctl, cfg, update, stop_t
             update(loss)
             epoch_stats.append(stats)
         minibatch_stats += epoch_stats
-        epoch_kl = torch.stack([s["ppo/policy/policykl"] for s in epoch_stats]).mean().item()
-        if cfg.max_policy_kl and epoch_kl > cfg.max_policy_kl:
+        epoch_kl = mean_over_processes(torch.stack([s["ppo/policy/policykl"] for s in epoch_stats]).mean(), dev)
+        if cfg.max_policy_kl and epoch_kl.item() > cfg.max_policy_kl:
             break  # the policy moved too far from the one that rolled out
     t4 = time.perf_counter()
-    kl_ref = kl.sum(1).mean().item()
-    kl_ctl.update(kl_ref, n_steps=len(queries))
+    kl_ref = mean_over_processes(kl.sum(1).mean(), dev).item()
+    kl_ctl.update(kl_ref, n_steps=len(queries) * processes())
     lengths = (data.query_len + data.response_len).float()
     stopped = torch.tensor([r[-1] in stop_tokens for r in responses], dtype=torch.float32)
     stats = {k: torch.stack([s[k] for s in minibatch_stats]).mean().item() for k in minibatch_stats[0]}
@@ -528,7 +549,7 @@ def ppo_iteration(model, reference, prompts, reward, kl_ctl, cfg, update, stop_t
         "time/ppo/rollout": t1 - t0, "time/ppo/scoring": t2 - t1, "time/ppo/advantages": t3 - t2,
         "time/ppo/update": t4 - t3, "time/ppo/total": t4 - t0,
     })
-    return stats, int(data.response_len.sum())
+    return mean_over_processes(stats, dev), int(data.response_len.sum())
 
 
 # ----------------------------------------------------------------------------- evaluation

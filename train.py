@@ -93,7 +93,7 @@ prompts = "auto"  # PPO: plain (story starts) | instruct (instructions) | auto: 
 start_len = 30  # plain prompts: BOS + 1..start_len tokens of a story
 target_len = 200  # the length reward's goal for len(query + response)
 max_new_tokens = 300
-rollouts = 400  # stories per PPO iteration; batch_size is the minibatch
+rollouts = 400  # stories per PPO iteration (per process under torchrun); batch_size is the minibatch
 ppo_epochs = 4
 init_kl_coef = 0.2
 kl_control = "adaptive"  # adaptive (Ziegler et al.: toward kl_target over kl_horizon rollouts) | fixed
@@ -631,8 +631,6 @@ def lm_step(run):
 
 def ppo_recipe(run, ckpt, ckpt_path):
     """PPO's step, evaluate and log summary, which share the frozen reference, the reward and the KL controller."""
-    if run.world_size > 1:
-        raise UserError("PPO runs in one process: start it with python, not torchrun")
     tok = Tokenizer(run.meta["tokenizer"])
     stops = (tok.bos_id, tok.eos_id)  # EOS ends an instruct story, BOS starts the next plain one
     if init_from == "resume":
@@ -659,7 +657,7 @@ def ppo_recipe(run, ckpt, ckpt_path):
 
     def evaluate(run):
         result, _ = rlhf.evaluate_policy(run.raw_model, tok, val_batches, score, max_new_tokens, stops, seed, run.ctx)
-        return {"val_loss": -result["score"], **{f"val_{k}": v for k, v in result.items()}}
+        return {"val_loss": 0.0 - result["score"], **{f"val_{k}": v for k, v in result.items()}}  # not -0.0
 
     def summary(row):
         return (f"score {row['env/reward_mean']:.4f} | len {row['tokens/total_len_mean']:.1f} | "
@@ -713,7 +711,7 @@ def setup_distributed():
         return 0, 1, 1, pick_device(device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size, local_world = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if gradient_accumulation_steps % world_size:
+    if gradient_accumulation_steps % world_size and mode_name() != "ppo":  # PPO steps once per minibatch
         raise UserError(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
                         f"{world_size} processes: try --gradient_accumulation_steps={world_size}")
     dev = pick_device(device)
@@ -816,8 +814,9 @@ def run_training(ckpt, ckpt_path, rank, local_world, world_size, dev):
         start_metrics(run)
         n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         tokens_per_iter = gradient_accumulation_steps * batch_size * max_seq_len
-        per_iter = {"ppo": f"{rollouts} rollouts of up to {max_new_tokens} new tokens per iteration, {ppo_epochs} "
-                           f"epochs of minibatches of {batch_size}, reward {reward}",
+        each = f"{world_size} x " if world_size > 1 else ""  # per process under torchrun
+        per_iter = {"ppo": f"{each}{rollouts} rollouts of up to {max_new_tokens} new tokens per iteration, "
+                           f"{ppo_epochs} epochs of minibatches of {each}{batch_size}, reward {reward}",
                     "reward_model": f"{gradient_accumulation_steps * batch_size} preference pairs per iteration"}
         print(f"{mode}: {sum(p.numel() for p in raw_model.parameters()):,} parameters ({n_trainable:,} trained), "
               f"{'resuming at iteration ' + str(run.iter_num) if run.resumed else 'from ' + init_from}; "

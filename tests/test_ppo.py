@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -280,6 +281,27 @@ def test_ppo_checkpoint_and_resume_continues_exactly(story_data, pretrained, tmp
         assert key in a[0], key
     evals = rows(whole, "val_loss")
     assert [r["iter"] for r in evals] == [0, 2, 4] and all(r["val_loss"] == -r["val_score"] for r in evals)
+
+
+def test_ppo_under_torchrun_keeps_processes_in_sync(story_data, pretrained, tmp_path):
+    """Each process rolls out its own prompts; gradients, early stops and the KL coefficient are shared."""
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), *ppo_args(story_data, pretrained, out, "--max_iters=2", "--eval_interval=2",
+                                                    "--print_checksum=True")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    sums = dict(line.split()[1:4:2] for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert set(sums) == {"0", "1"} and sums["0"] == sums["1"], result.stdout
+    assert "2 x 8 rollouts" in result.stdout
+    # the logged stats are means over both processes, whose prompts differ
+    streams = [ppo.PromptStream("plain", "train", 8, 512, 8, seed=train.seed, rank=rank, data_dir=story_data)
+               for rank in (0, 1)]
+    query_len = [float(np.mean([len(p["tokens"]) for p in next(stream)])) for stream in streams]
+    first = rows(out, "ppo/loss/total")[0]
+    assert query_len[0] != query_len[1] and first["tokens/query_len_mean"] == pytest.approx(sum(query_len) / 2)
+    assert read_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] == 2
 
 
 def test_resume_refuses_a_reference_that_changed(story_data, pretrained, tmp_path, capsys):

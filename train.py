@@ -758,7 +758,10 @@ def main(argv=None):
     ckpt, ckpt_path = resolve_settings(changed)
     rank, local_world, world_size, dev = setup_distributed()
     try:
-        return run_training(ckpt, ckpt_path, rank, local_world, world_size, dev)
+        run = run_training(ckpt, ckpt_path, rank, local_world, world_size, dev)
+        if world_size > 1:
+            dist.barrier()  # a process that tore down its connections while another still used them aborted it
+        return run
     finally:
         if world_size > 1:
             dist.destroy_process_group()

@@ -672,11 +672,13 @@ class PreferenceBatches(tinystories.BatchStream):
 
 def preference_loss(scores, tie):
     """Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) (a tie: the loss of a 50:50 preference), and how
-    many of the decided pairs are ranked right, of how many. scores: the chosen rows' scores, then the rejected."""
+    many of the decided pairs are ranked right (equal scores: half right, a coin toss), of how many. scores: the
+    chosen rows' scores, then the rejected."""
     chosen, rejected = scores.float().chunk(2)
     margin = chosen - rejected
     loss = torch.where(tie, -0.5 * (F.logsigmoid(margin) + F.logsigmoid(-margin)), -F.logsigmoid(margin)).mean()
-    return loss, int(((margin > 0) & ~tie).sum()), int((~tie).sum())
+    right = ((margin > 0) & ~tie).sum() + 0.5 * ((margin == 0) & ~tie).sum()
+    return loss, float(right), int((~tie).sum())
 
 
 @torch.no_grad()
@@ -684,7 +686,7 @@ def evaluate_preferences(model, pairs, batch_size, ctx=nullcontext()):
     """Mean Bradley-Terry loss and accuracy (share of decided pairs ranked right) of a reward model on pairs; no
     accuracy when every pair is a tie."""
     model.eval()
-    total, right, decided = 0.0, 0, 0
+    total, right, decided = 0.0, 0.0, 0
     for start in range(0, len(pairs), batch_size):
         tokens, last, tie = (t.to(device_of(model)) for t in preference_batch(pairs[start:start + batch_size]))
         with ctx:

@@ -352,6 +352,7 @@ def test_reward_model_learns_a_synthetic_preference(story_data, pretrained, tmp_
                 "--warmup_iters=5", "--log_interval=10"])
     evals = rows(out, "val_accuracy")
     assert evals[0]["val_loss"] == pytest.approx(math.log(2))  # a zero head: every pair a coin toss
+    assert evals[0]["val_accuracy"] == 0.5
     assert evals[-1]["val_accuracy"] >= 0.9 and evals[-1]["val_loss"] < 0.4, evals
     ckpt = read_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["mode"] == "reward_model" and set(ckpt["reward_head"]) == {"weight", "bias"}

@@ -657,7 +657,8 @@ def ppo_recipe(run, ckpt, ckpt_path):
 
     def evaluate(run):
         result, _ = rlhf.evaluate_policy(run.raw_model, tok, val_batches, score, max_new_tokens, stops, seed, run.ctx)
-        return {"val_loss": 0.0 - result["score"], **{f"val_{k}": v for k, v in result.items()}}  # not -0.0
+        # 0.0 - score rather than -score: a score of 0 logs as 0.0000, not -0.0000
+        return {"val_loss": 0.0 - result["score"], **{f"val_{k}": v for k, v in result.items()}}
 
     def summary(row):
         return (f"score {row['env/reward_mean']:.4f} | len {row['tokens/total_len_mean']:.1f} | "

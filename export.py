@@ -1,7 +1,8 @@
-"""Write a checkpoint as the .bin file that run.c reads.
+"""Write a checkpoint as the .bin file that run.c reads, or as a Hugging Face folder.
 
     python export.py out260K/model.bin --checkpoint=out260K/ckpt.pt               # version 0 (llama2.c legacy)
     python export.py out260K/model_q80.bin --checkpoint=out260K/ckpt.pt --version=2
+    python export.py out260K/hf --checkpoint=out260K/ckpt.pt --hf=True                # a Hugging Face folder
 
 Any checkpoint train.py writes: pretrained, SFT, LoRA (merged on the way out), PPO (the value head is not
 exported), reward model (only its transformer), and llama2.c's own.
@@ -16,8 +17,14 @@ exported), reward model (only its transformer), and llama2.c's own.
 Versions 1 and 2 use spare header bytes that llama2.c ignores: uint32 flags at byte 64 (1: the model was
 trained with EOS, 2: the tokenizer drops leading, trailing and repeated spaces, 4: it adds no dummy prefix
 space) and float32 norm_eps at byte 68.
+
+--hf=True writes a folder that transformers' LlamaForCausalLM.from_pretrained reads instead: config.json,
+pytorch_model.bin (fp32, HF's parameter names, the q and k rows of each head reordered from Meta's interleaved
+rotary pairs to HF's halves) and the sentencepiece tokenizer.model with a tokenizer_config.json.
 """
+import json
 import os
+import shutil
 import struct
 import sys
 
@@ -32,6 +39,7 @@ checkpoint = ""  # the ckpt.pt to export
 version = 0  # 0, 1 or 2, as above
 group_size = 0  # version 2: values per scale; 0 = the largest power of two <= 64 dividing every row
 tokenizer = ""  # the .model whose space handling run.c must follow; default: the one the checkpoint names
+hf = False  # write a Hugging Face Llama folder instead of a .bin (--version is then not used)
 
 MAGIC = 0x616B3432
 FLAG_EOS, FLAG_STRIP_SPACES, FLAG_NO_DUMMY_PREFIX = 1, 2, 4
@@ -155,6 +163,50 @@ def _write(path, parts):
 
 WRITERS = {0: write_v0, 1: write_v1, 2: write_v2}  # a new format is one more function taking (path, model, flags)
 
+HF_NAMES = {  # a layer's parameters: ours -> transformers' Llama
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def rotary_halves(w, n_heads):
+    """Rows of a q or k projection reordered per head from interleaved rotary pairs (x0, y0, x1, y1, ...), as
+    Meta and llama2.c rotate them, to halves (x0, x1, ..., y0, y1, ...), as transformers' Llama does."""
+    return w.view(n_heads, -1, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+
+
+def write_hf(folder, model, tok=None):
+    """A Hugging Face Llama folder: config.json, pytorch_model.bin and, given tok, its tokenizer files."""
+    a, shared = model.args, shares_classifier(model)
+    weights = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
+    if not shared:
+        weights["lm_head.weight"] = model.output.weight
+    for i, layer in enumerate(model.layers):
+        for ours, theirs in HF_NAMES.items():
+            w = layer.get_parameter(ours + ".weight")
+            if ours in ("attention.wq", "attention.wk"):
+                w = rotary_halves(w, a.n_heads if ours == "attention.wq" else a.n_kv_heads)
+            weights[f"model.layers.{i}.{theirs}.weight"] = w
+    weights = {k: v.detach().float().contiguous().clone() for k, v in weights.items()}
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
+              "intermediate_size": a.hidden_dim, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
+              "num_key_value_heads": a.n_kv_heads, "vocab_size": a.vocab_size, "max_position_embeddings": a.max_seq_len,
+              "rms_norm_eps": a.norm_eps, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": shared,
+              "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
+    if tok is not None:
+        config.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    with atomic_output(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with atomic_output(os.path.join(folder, "pytorch_model.bin")) as f:
+        torch.save(weights, f)
+    if tok is not None:
+        with atomic_output(os.path.join(folder, "tokenizer.model")) as f, open(tok.model_path, "rb") as src:
+            shutil.copyfileobj(src, f)
+        with atomic_output(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": tok.sp.id_to_piece(tok.bos_id),
+                       "eos_token": tok.sp.id_to_piece(tok.eos_id), "unk_token": tok.sp.id_to_piece(tok.sp.unk_id()),
+                       "add_bos_token": True, "add_eos_token": False}, f, indent=2)
+
 
 def read_bin(path):
     """The model in a .bin of any version (ours or llama2.c's) as a Transformer with fp32 weights, Q8_0 ones
@@ -272,7 +324,8 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     outs = [a for a in argv if not a.startswith("--") and not a.endswith(".py")]
     if len(outs) != 1:
-        raise UserError("say where to write, once: python export.py OUT.bin --checkpoint=PATH [--version=0|1|2]")
+        raise UserError("say where to write, once: python export.py OUT.bin --checkpoint=PATH [--version=0|1|2] "
+                        "(or OUT_FOLDER ... --hf=True)")
     out = outs[0]
     argv.remove(out)
     configure(globals(), argv)
@@ -280,8 +333,21 @@ def main(argv=None):
         raise UserError("say which checkpoint to export: --checkpoint=out/ckpt.pt")
     if version not in WRITERS:
         raise UserError(f"--version must be one of {sorted(WRITERS)}, got {version}")
+    if hf and os.path.isfile(out):
+        raise UserError(f"--hf=True writes a folder, and {out} is a file: give a folder name")
     model, ckpt = load_model(checkpoint, merge=True)
     tok = checkpoint_tokenizer(ckpt, tokenizer, model.args.vocab_size)
+    mode = ckpt.get("mode", "pretrain")
+    dropped = {"ppo": " (value head not exported)", "reward_model": " (reward head not exported)"}.get(mode, "")
+    n_params = sum(p.numel() for p in model.parameters())
+    if hf:
+        write_hf(out, model.float().eval(), tok)
+        print(f"wrote {out}/: a Hugging Face Llama folder, {mode} model{dropped}, {n_params / 1e6:.2f}M parameters"
+              + ("" if tok else " (no tokenizer: the checkpoint's is not available; pass --tokenizer=PATH.model)"))
+        if tok is not None and tokenizer_flags(tok) & FLAG_STRIP_SPACES:
+            print("note: this tokenizer drops leading and repeated spaces; transformers' Llama tokenizer keeps them, "
+                  "so give it prompts with single spaces", file=sys.stderr)
+        return
     if tok is None:
         print("note: the checkpoint's tokenizer is not available; run.c will encode prompts as llama2.c does "
               "(pass --tokenizer=PATH.model to record its space handling)", file=sys.stderr)
@@ -289,9 +355,6 @@ def main(argv=None):
     if version == 0 and flags & (FLAG_STRIP_SPACES | FLAG_NO_DUMMY_PREFIX):
         print("note: version 0 cannot record how the tokenizer treats spaces, so run.c will keep repeated spaces "
               "in prompts; --version=1 or 2 records it", file=sys.stderr)
-    mode = ckpt.get("mode", "pretrain")
-    dropped = {"ppo": " (value head not exported)", "reward_model": " (reward head not exported)"}.get(mode, "")
-    n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {out}: version {version}, {mode} model{dropped}, {n_params / 1e6:.2f}M parameters, "
           f"{os.path.getsize(out) / 1e6:.1f} MB")
 

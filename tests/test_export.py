@@ -1,3 +1,4 @@
+import json
 import os
 import struct
 
@@ -7,7 +8,8 @@ import torch
 
 import export
 from conftest import train_inference_tokenizer
-from model import LoRALinear, ModelArgs, Transformer, apply_lora, load_model, lora_state_dict, save_checkpoint
+from model import (LoRALinear, ModelArgs, Transformer, apply_lora, apply_rope, load_model, lora_state_dict,
+                   rope_tables, save_checkpoint)
 from tokenizer import Tokenizer
 
 
@@ -161,6 +163,7 @@ def test_cli_exports_every_version(tmp_path, capsys):
     (["a.bin", "--checkpoint=CKPT", "--version=3"], "--version must be one of"),
     (["a.bin", "--checkpoint=CKPT", "--version=2", "--group_size=48"], "must divide"),
     (["a.bin", "--checkpoint=CKPT", "--versoin=1"], "did you mean --version"),
+    (["CKPT", "--checkpoint=CKPT", "--hf=True"], "writes a folder"),
 ])
 def test_bad_arguments_are_clear_errors(tmp_path, capsys, argv, message, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -229,6 +232,71 @@ def test_header_records_eos_and_tokenizer_space_handling(tmp_path, capsys):
         export.main([str(tmp_path / "bad.bin"), f"--checkpoint={ckpt}"])
     assert "has 400 tokens but the checkpoint's model has 300" in capsys.readouterr().err
     assert Tokenizer(strip_model).vocab_size == 400
+
+
+def hf_rope(x, cos, sin):
+    """transformers' Llama rotary embedding of x (T, H, D): dimension i pairs with i + D/2."""
+    half = x.shape[-1] // 2
+    c, s = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]
+    return x * c + torch.cat([-x[..., half:], x[..., :half]], -1) * s
+
+
+def attention_scores(q, k):
+    """q.k of every (head, query, key), each query head against its key head (grouped-query attention)."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return torch.einsum("thd,shd->hts", q, k)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_hf_folder_holds_hf_names_and_rotary_order(tmp_path, capsys, shared):
+    model = tiny()
+    if not shared:
+        model.output.weight = torch.nn.Parameter(torch.randn_like(model.output.weight))
+    tok_path, _ = train_inference_tokenizer(str(tmp_path), "tok")
+    out = tmp_path / "hf"
+    if shared:  # through the command line; checkpoints always tie the classifier, so the other case goes direct
+        ckpt = checkpoint(model, tmp_path / "ckpt.pt", tokenizer={"path": tok_path, "vocab_size": 400})
+        export.main([str(out), f"--checkpoint={ckpt}", "--hf=True"])
+        assert "Hugging Face" in capsys.readouterr().out
+    else:
+        export.write_hf(str(out), model, Tokenizer(tok_path))
+    assert sorted(os.listdir(out)) == ["config.json", "pytorch_model.bin", "tokenizer.model", "tokenizer_config.json"]
+    config = json.loads((out / "config.json").read_text())
+    a = model.args
+    assert (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]) == (a.dim, a.hidden_dim,
+                                                                                                 a.n_layers)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"]) == (4, 2, 400)
+    assert config["tie_word_embeddings"] == shared and config["model_type"] == "llama"
+    assert (out / "tokenizer.model").read_bytes() == open(tok_path, "rb").read()
+    weights = torch.load(out / "pytorch_model.bin", weights_only=True)
+    assert ("lm_head.weight" in weights) != shared and len(weights) == 3 + 9 * a.n_layers - shared
+    layer = model.layers[1]
+    assert torch.equal(weights["model.layers.1.mlp.gate_proj.weight"], layer.feed_forward.w1.weight)
+    assert torch.equal(weights["model.layers.1.self_attn.v_proj.weight"], layer.attention.wv.weight)
+    # the reordered q and k rows under transformers' rotation give the same attention scores as ours
+    T, hd = 10, a.head_dim
+    x = torch.randn(T, a.dim)
+    cos, sin = rope_tables(hd, T)
+    freqs = torch.complex(cos, sin)
+    with torch.no_grad():
+        ours = attention_scores(apply_rope((x @ layer.attention.wq.weight.T).view(1, T, 4, hd), freqs)[0],
+                                apply_rope((x @ layer.attention.wk.weight.T).view(1, T, 2, hd), freqs)[0])
+        hf_q, hf_k = (weights[f"model.layers.1.self_attn.{n}_proj.weight"] for n in "qk")
+        theirs = attention_scores(hf_rope((x @ hf_q.T).view(T, 4, hd), cos, sin),
+                                  hf_rope((x @ hf_k.T).view(T, 2, hd), cos, sin))
+    assert torch.allclose(ours, theirs, atol=1e-5) and not torch.allclose(hf_q, layer.attention.wq.weight)
+
+
+def test_hf_folder_runs_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers "
+                                                              "to check the Hugging Face export against it)")
+    model = tiny()
+    out = tmp_path / "hf"
+    export.main([str(out), f"--checkpoint={checkpoint(model, tmp_path / 'ckpt.pt')}", "--hf=True"])
+    theirs = transformers.LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    tokens = torch.randint(0, 400, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens)[0], theirs(tokens).logits, atol=1e-4)
 
 
 def test_llama2c_files_read_back(shared_data):

@@ -3,6 +3,7 @@
     python export.py out260K/model.bin --checkpoint=out260K/ckpt.pt               # version 0 (llama2.c legacy)
     python export.py out260K/model_q80.bin --checkpoint=out260K/ckpt.pt --version=2
     python export.py out260K/hf --checkpoint=out260K/ckpt.pt --hf=True                # a Hugging Face folder
+    python export.py model.bin --checkpoint=path/to/hf_llama_folder                    # and back, for run.c
 
 Any checkpoint train.py writes: pretrained, SFT, LoRA (merged on the way out), PPO (the value head is not
 exported), reward model (only its transformer), and llama2.c's own.
@@ -20,8 +21,11 @@ space) and float32 norm_eps at byte 68.
 
 --hf=True writes a folder that transformers' LlamaForCausalLM.from_pretrained reads instead: config.json,
 pytorch_model.bin (fp32, HF's parameter names, the q and k rows of each head reordered from Meta's interleaved
-rotary pairs to HF's halves) and the sentencepiece tokenizer.model with a tokenizer_config.json.
+rotary pairs to HF's halves) and the sentencepiece tokenizer.model with a tokenizer_config.json. A folder as
+--checkpoint is read the other way (a Llama with Llama 2's rotary settings; weights in safetensors or
+pytorch_model.bin, fp32, fp16 or bf16).
 """
+import glob
 import json
 import os
 import shutil
@@ -31,7 +35,7 @@ import sys
 import numpy as np
 import torch
 
-from configurator import UserError, atomic_output, cli, configure
+from configurator import UserError, atomic_output, cli, configure, read_json
 from model import load_model
 from tokenizer import Tokenizer
 
@@ -208,6 +212,97 @@ def write_hf(folder, model, tok=None):
                        "add_bos_token": True, "add_eos_token": False}, f, indent=2)
 
 
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+def read_safetensors(path):
+    """The tensors of a .safetensors file as float32 arrays. The format: a little-endian uint64 header size, a
+    JSON header giving each tensor's dtype, shape and byte range, then the bytes."""
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    size = int(data[:8].view(np.uint64)[0]) if len(data) >= 8 else -1
+    try:
+        header = json.loads(bytes(data[8:8 + size])) if 0 < size <= len(data) - 8 else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is not a safetensors file (its header does not parse)")
+    start, tensors = 8 + size, {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        if t.get("dtype") not in SAFETENSORS_DTYPES:
+            raise UserError(f"{path}: tensor {name} is {t.get('dtype')}; export.py reads F32, F16 and BF16")
+        begin, end = (start + int(o) for o in t["data_offsets"])
+        if not start <= begin <= end <= len(data):
+            raise UserError(f"{path} is cut short: tensor {name} runs past its end; download it again")
+        values = np.asarray(data[begin:end]).view(SAFETENSORS_DTYPES[t["dtype"]])
+        if t["dtype"] == "BF16":  # the top half of a float32
+            values = (values.astype(np.uint32) << 16).view(np.float32)
+        tensors[name] = values.astype(np.float32).reshape(t["shape"])
+    return tensors
+
+
+def read_hf(folder):
+    """The Llama of a Hugging Face folder (config.json, then *.safetensors or pytorch_model*.bin) as a Transformer
+    with fp32 weights, q and k rows put back in Meta's interleaved rotary order, and its config; write_hf's
+    inverse."""
+    from model import ModelArgs, Transformer
+    config = read_json(os.path.join(folder, "config.json"))
+    if not isinstance(config, dict):
+        raise UserError(f"{folder} has no readable config.json: give a Hugging Face model folder")
+    if config.get("model_type") != "llama":
+        raise UserError(f"{folder} holds a {config.get('model_type')!r} model; export.py reads Llama models")
+    missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
+                           "intermediate_size", "max_position_embeddings") if not isinstance(config.get(k), int)]
+    if missing:
+        raise UserError(f"{folder}/config.json lacks {', '.join(missing)}")
+    n_heads, dim = config["num_attention_heads"], config["hidden_size"]
+    unsupported = {"rope_theta": config.get("rope_theta", 10000.0) != 10000.0,
+                   "rope_scaling": config.get("rope_scaling"),
+                   "attention_bias": config.get("attention_bias"), "mlp_bias": config.get("mlp_bias"),
+                   "hidden_act": config.get("hidden_act", "silu") != "silu",
+                   "head_dim": config.get("head_dim", dim // n_heads) * n_heads != dim}
+    if any(unsupported.values()):
+        raise UserError(f"{folder}: this toolkit's Llama 2 has no {', '.join(k for k, v in unsupported.items() if v)} "
+                        "of this kind (rope_theta 10000, no rope scaling, no biases, SiLU, dim = heads x head_dim)")
+    files = sorted(glob.glob(os.path.join(glob.escape(folder), "*.safetensors")))
+    bins = sorted(glob.glob(os.path.join(glob.escape(folder), "pytorch_model*.bin")))
+    if not files and not bins:
+        raise UserError(f"{folder} has no weights (*.safetensors or pytorch_model*.bin)")
+    weights = {}
+    for f in files:
+        weights.update(read_safetensors(f))
+    for f in [] if files else bins:
+        weights.update({k: v.float().numpy() for k, v in torch.load(f, map_location="cpu", weights_only=True).items()})
+    args = ModelArgs(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
+                     n_kv_heads=config.get("num_key_value_heads", n_heads), vocab_size=config["vocab_size"],
+                     hidden_dim=config["intermediate_size"], max_seq_len=config["max_position_embeddings"],
+                     norm_eps=config.get("rms_norm_eps", 1e-5))
+
+    def weight(name, shape):
+        if name not in weights:
+            raise UserError(f"{folder} lacks the weight {name}: is the download complete?")
+        if tuple(weights[name].shape) != tuple(shape):
+            raise UserError(f"{folder}: {name} has shape {tuple(weights[name].shape)}, but config.json makes it "
+                            f"{tuple(shape)}")
+        return torch.from_numpy(weights[name])
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        model.tok_embeddings.weight.copy_(weight("model.embed_tokens.weight", model.tok_embeddings.weight.shape))
+        model.norm.weight.copy_(weight("model.norm.weight", model.norm.weight.shape))
+        if "lm_head.weight" in weights and not config.get("tie_word_embeddings", False):
+            model.output.weight = torch.nn.Parameter(weight("lm_head.weight", model.output.weight.shape).clone())
+        for i, layer in enumerate(model.layers):
+            for ours, theirs in HF_NAMES.items():
+                param = layer.get_parameter(ours + ".weight")
+                w = weight(f"model.layers.{i}.{theirs}.weight", param.shape)
+                if ours in ("attention.wq", "attention.wk"):
+                    heads = n_heads if ours == "attention.wq" else args.n_kv_heads
+                    w = w.view(heads, 2, -1, w.shape[1]).transpose(1, 2).reshape(w.shape)  # halves -> pairs
+                param.copy_(w)
+    return model, config
+
+
 def read_bin(path):
     """The model in a .bin of any version (ours or llama2.c's) as a Transformer with fp32 weights, Q8_0 ones
     dequantised, and the header's extras {"version", "flags", "group_size", "shared_classifier"}."""
@@ -335,7 +430,13 @@ def main(argv=None):
         raise UserError(f"--version must be one of {sorted(WRITERS)}, got {version}")
     if hf and os.path.isfile(out):
         raise UserError(f"--hf=True writes a folder, and {out} is a file: give a folder name")
-    model, ckpt = load_model(checkpoint, merge=True)
+    if os.path.isdir(checkpoint):  # a Hugging Face folder, as llama2.c's export.py reads them
+        hf_tokenizer = os.path.join(checkpoint, "tokenizer.model")
+        model, config = read_hf(checkpoint)
+        ckpt = {"mode": "Hugging Face", "tokenizer": {"path": hf_tokenizer},
+                "eos": config.get("eos_token_id") is not None}  # a Llama that names EOS ends its texts with it
+    else:
+        model, ckpt = load_model(checkpoint, merge=True)
     tok = checkpoint_tokenizer(ckpt, tokenizer, model.args.vocab_size)
     mode = ckpt.get("mode", "pretrain")
     dropped = {"ppo": " (value head not exported)", "reward_model": " (reward head not exported)"}.get(mode, "")

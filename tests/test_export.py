@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import export
+from configurator import UserError
 from conftest import train_inference_tokenizer
 from model import (LoRALinear, ModelArgs, Transformer, apply_lora, apply_rope, load_model, lora_state_dict,
                    rope_tables, save_checkpoint)
@@ -287,6 +288,75 @@ def test_hf_folder_holds_hf_names_and_rotary_order(tmp_path, capsys, shared):
     assert torch.allclose(ours, theirs, atol=1e-5) and not torch.allclose(hf_q, layer.attention.wq.weight)
 
 
+def write_safetensors(path, tensors):
+    """A .safetensors file of float32 (and, for names ending in .bf16, bfloat16) tensors, written by hand."""
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        blob = (t.to(torch.bfloat16).view(torch.int16) if name.endswith(".bf16") else t).numpy().tobytes()
+        header[name] = {"dtype": "BF16" if name.endswith(".bf16") else "F32", "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def test_safetensors_reader(tmp_path):
+    a, b = torch.randn(3, 5), torch.randn(4)
+    path = str(tmp_path / "w.safetensors")
+    write_safetensors(path, {"a": a, "b.bf16": b})
+    back = export.read_safetensors(path)
+    assert np.array_equal(back["a"], a.numpy()) and back["a"].shape == (3, 5)
+    assert np.array_equal(back["b.bf16"], b.to(torch.bfloat16).float().numpy())
+    data = open(path, "rb").read()
+    for damaged, message in ((data[:-4], "cut short"), (b"\xff" * 16, "not a safetensors file")):
+        open(path, "wb").write(damaged)
+        with pytest.raises(UserError, match=message):
+            export.read_safetensors(path)
+
+
+def test_hf_folder_reads_back_and_exports_the_same_bin(tmp_path, capsys):
+    untied = tiny(dim=48, n_heads=6, n_kv_heads=2)
+    untied.output.weight = torch.nn.Parameter(torch.randn_like(untied.output.weight))
+    export.write_hf(str(tmp_path / "untied"), untied)
+    back, _ = export.read_hf(str(tmp_path / "untied"))
+    assert weights_equal(back, untied) and not torch.equal(back.output.weight, back.tok_embeddings.weight)
+    # the same folder in safetensors, as transformers saves it, reads the same
+    folder = tmp_path / "safetensors"
+    folder.mkdir()
+    (folder / "config.json").write_text((tmp_path / "untied" / "config.json").read_text())
+    write_safetensors(str(folder / "model.safetensors"),
+                      torch.load(tmp_path / "untied" / "pytorch_model.bin", weights_only=True))
+    assert weights_equal(export.read_hf(str(folder))[0], untied)
+    # through the command line: checkpoint -> folder -> .bin is the .bin of the checkpoint, byte for byte
+    tok_path, _ = train_inference_tokenizer(str(tmp_path), "tok", remove_extra_whitespaces=False)
+    ckpt = checkpoint(tiny(), tmp_path / "ckpt.pt", eos=True, tokenizer={"path": tok_path, "vocab_size": 400})
+    export.main([str(tmp_path / "hf"), f"--checkpoint={ckpt}", "--hf=True"])
+    export.main([str(tmp_path / "direct.bin"), f"--checkpoint={ckpt}", "--version=1"])
+    export.main([str(tmp_path / "via_hf.bin"), f"--checkpoint={tmp_path / 'hf'}", "--version=1"])
+    assert open(tmp_path / "via_hf.bin", "rb").read() == open(tmp_path / "direct.bin", "rb").read()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c, w: c.update(model_type="mistral"), "export.py reads Llama models"),
+    (lambda c, w: c.pop("vocab_size"), "lacks vocab_size"),
+    (lambda c, w: c.update(rope_theta=500000.0), "no rope_theta"),
+    (lambda c, w: w.pop("model.layers.1.mlp.up_proj.weight"), "lacks the weight model.layers.1.mlp.up_proj"),
+    (lambda c, w: c.update(intermediate_size=96), "has shape"),
+])
+def test_hf_folder_problems_are_clear_errors(tmp_path, edit, message):
+    folder = tmp_path / "hf"
+    export.write_hf(str(folder), tiny())
+    config = json.loads((folder / "config.json").read_text())
+    weights = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    edit(config, weights)
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.save(weights, folder / "pytorch_model.bin")
+    with pytest.raises(UserError, match=message):
+        export.read_hf(str(folder))
+
+
 def test_hf_folder_runs_in_transformers(tmp_path):
     transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers "
                                                               "to check the Hugging Face export against it)")
@@ -297,6 +367,15 @@ def test_hf_folder_runs_in_transformers(tmp_path):
     tokens = torch.randint(0, 400, (2, 20))
     with torch.no_grad():
         assert torch.allclose(model(tokens)[0], theirs(tokens).logits, atol=1e-4)
+    # and the other way: a Llama that transformers saved (safetensors, bf16, untied, GQA) reads as itself
+    config = transformers.LlamaConfig(hidden_size=48, intermediate_size=100, num_hidden_layers=2, num_attention_heads=6,
+                                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=64)
+    theirs = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    theirs.save_pretrained(str(tmp_path / "saved"))
+    ours, _ = export.read_hf(str(tmp_path / "saved"))
+    tokens = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(ours(tokens)[0], theirs.float()(tokens).logits, atol=1e-4)
 
 
 def test_llama2c_files_read_back(shared_data):

@@ -303,6 +303,17 @@ def read_hf(folder):
     return model, config
 
 
+def load_checkpoint_or_hf(path):
+    """(model, checkpoint dict) of a train.py checkpoint (LoRA merged), or of a Hugging Face Llama folder, whose
+    dict names the folder's tokenizer.model."""
+    if not os.path.isfile(os.path.join(path, "config.json")):  # a directory without one gets load_model's hint
+        return load_model(path, merge=True)
+    model, config = read_hf(path)
+    tok_path = os.path.join(path, "tokenizer.model")
+    return model, {"mode": "Hugging Face", "tokenizer": {"path": tok_path} if os.path.isfile(tok_path) else None,
+                   "eos": config.get("eos_token_id") is not None}  # a Llama that names EOS ends its texts with it
+
+
 def read_bin(path):
     """The model in a .bin of any version (ours or llama2.c's) as a Transformer with fp32 weights, Q8_0 ones
     dequantised, and the header's extras {"version", "flags", "group_size", "shared_classifier"}."""
@@ -430,13 +441,7 @@ def main(argv=None):
         raise UserError(f"--version must be one of {sorted(WRITERS)}, got {version}")
     if hf and os.path.isfile(out):
         raise UserError(f"--hf=True writes a folder, and {out} is a file: give a folder name")
-    if os.path.isdir(checkpoint):  # a Hugging Face folder, as llama2.c's export.py reads them
-        hf_tokenizer = os.path.join(checkpoint, "tokenizer.model")
-        model, config = read_hf(checkpoint)
-        ckpt = {"mode": "Hugging Face", "tokenizer": {"path": hf_tokenizer},
-                "eos": config.get("eos_token_id") is not None}  # a Llama that names EOS ends its texts with it
-    else:
-        model, ckpt = load_model(checkpoint, merge=True)
+    model, ckpt = load_checkpoint_or_hf(checkpoint)
     tok = checkpoint_tokenizer(ckpt, tokenizer, model.args.vocab_size)
     mode = ckpt.get("mode", "pretrain")
     dropped = {"ppo": " (value head not exported)", "reward_model": " (reward head not exported)"}.get(mode, "")

@@ -4,7 +4,8 @@
     python sample.py --checkpoint=out-sft/ckpt.pt --instruct=True --start="Write a story about a dog."
     python sample.py --checkpoint=out260K/ckpt.pt --start=FILE:prompt.txt --temperature=0
 
-Any checkpoint train.py writes (LoRA adapters are merged, a PPO value head is ignored). A sample ends at EOS
+Any checkpoint train.py writes (LoRA adapters are merged, a PPO value head is ignored), or a Hugging Face Llama
+folder (export.py's reader). A sample ends at EOS
 (or BOS: a new story) or after max_new_tokens. With --instruct the start is the instruction, wrapped in the
 instruct layout, and only the story is printed.
 """
@@ -15,10 +16,11 @@ from contextlib import nullcontext
 import torch
 
 from configurator import UserError, cli, configure
-from model import AUTOCAST_DTYPES, autocast_context, load_model, pick_device, without_stop
+from export import load_checkpoint_or_hf
+from model import AUTOCAST_DTYPES, autocast_context, pick_device, without_stop
 from tokenizer import Tokenizer, instruct_prompt
 
-checkpoint = ""  # the ckpt.pt to sample from
+checkpoint = ""  # the ckpt.pt to sample from (or a Hugging Face Llama folder)
 tokenizer = ""  # the sentencepiece .model; default: the one recorded in the checkpoint
 start = "Once upon a time"  # the prompt, or FILE:path to read it from a file
 instruct = False  # treat start as an instruction and print only the story
@@ -85,7 +87,7 @@ def main(argv=None):
         if not ok:
             raise UserError(f"--{name}={value} is out of range")
     dev = pick_device(device)
-    model, ckpt = load_model(checkpoint, merge=True)
+    model, ckpt = load_checkpoint_or_hf(checkpoint)
     model = model.to(dev).eval()
     tok = load_tokenizer(ckpt, tokenizer, model.args.vocab_size)
     text = prompt_text(start)

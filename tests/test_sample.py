@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 
+import export
 import sample
 from conftest import INFERENCE_INSTRUCTION, INFERENCE_STORY
 from model import LoRALinear, apply_lora, load_model, lora_state_dict, read_checkpoint, save_checkpoint
@@ -73,6 +74,15 @@ def test_samples_stop_at_the_context_with_a_note(inference_models, capsys):
     assert f"context is {context} tokens" in err and f"not {10 * context}" in err and out.strip()
     sample.main([f"--checkpoint={inference_models['random']}", "--start=Once", "--max_new_tokens=5"])
     assert "context" not in capsys.readouterr().err
+
+
+def test_a_hugging_face_folder_samples_like_its_checkpoint(inference_models, tmp_path, capsys):
+    folder = str(tmp_path / "hf")
+    export.main([folder, f"--checkpoint={inference_models['trained']}", "--hf=True"])
+    capsys.readouterr()
+    args = ["--start=Once upon a time", "--temperature=0", "--max_new_tokens=40"]
+    assert run(capsys, f"--checkpoint={folder}", *args) == run(capsys, f"--checkpoint={inference_models['trained']}",
+                                                                 *args)
 
 
 def test_bfloat16_autocast_samples(inference_models, capsys):

@@ -263,8 +263,9 @@ def read_hf(folder):
                    "hidden_act": config.get("hidden_act", "silu") != "silu",
                    "head_dim": config.get("head_dim", dim // n_heads) * n_heads != dim}
     if any(unsupported.values()):
-        raise UserError(f"{folder}: this toolkit's Llama 2 has no {', '.join(k for k, v in unsupported.items() if v)} "
-                        "of this kind (rope_theta 10000, no rope scaling, no biases, SiLU, dim = heads x head_dim)")
+        raise UserError(f"{folder}: its {', '.join(k for k, v in unsupported.items() if v)} differ from this "
+                        "toolkit's Llama 2 (rope_theta 10000, no rope scaling, no biases, SiLU, dim = heads x "
+                        "head_dim)")
     files = sorted(glob.glob(os.path.join(glob.escape(folder), "*.safetensors")))
     bins = sorted(glob.glob(os.path.join(glob.escape(folder), "pytorch_model*.bin")))
     if not files and not bins:
@@ -273,7 +274,11 @@ def read_hf(folder):
     for f in files:
         weights.update(read_safetensors(f))
     for f in [] if files else bins:
-        weights.update({k: v.float().numpy() for k, v in torch.load(f, map_location="cpu", weights_only=True).items()})
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle, zip and unpickling errors alike: the file is not a state dict
+            raise UserError(f"{f} is not a readable state dict ({type(e).__name__}); download it again") from None
+        weights.update({k: v.float().numpy() for k, v in state.items()})
     args = ModelArgs(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
                      n_kv_heads=config.get("num_key_value_heads", n_heads), vocab_size=config["vocab_size"],
                      hidden_dim=config["intermediate_size"], max_seq_len=config["max_position_embeddings"],

@@ -173,10 +173,18 @@ HF_NAMES = {  # a layer's parameters: ours -> transformers' Llama
     "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
+ROTARY_HEADS = {"attention.wq": "n_heads", "attention.wk": "n_kv_heads"}  # rows to reorder, and their head count
+
+
 def rotary_halves(w, n_heads):
     """Rows of a q or k projection reordered per head from interleaved rotary pairs (x0, y0, x1, y1, ...), as
     Meta and llama2.c rotate them, to halves (x0, x1, ..., y0, y1, ...), as transformers' Llama does."""
     return w.view(n_heads, -1, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+
+
+def rotary_pairs(w, n_heads):
+    """rotary_halves undone: halves back to interleaved pairs."""
+    return w.view(n_heads, 2, -1, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
 
 def write_hf(folder, model, tok=None):
@@ -188,8 +196,8 @@ def write_hf(folder, model, tok=None):
     for i, layer in enumerate(model.layers):
         for ours, theirs in HF_NAMES.items():
             w = layer.get_parameter(ours + ".weight")
-            if ours in ("attention.wq", "attention.wk"):
-                w = rotary_halves(w, a.n_heads if ours == "attention.wq" else a.n_kv_heads)
+            if ours in ROTARY_HEADS:
+                w = rotary_halves(w, getattr(a, ROTARY_HEADS[ours]))
             weights[f"model.layers.{i}.{theirs}.weight"] = w
     weights = {k: v.detach().float().contiguous().clone() for k, v in weights.items()}
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
@@ -301,9 +309,8 @@ def read_hf(folder):
             for ours, theirs in HF_NAMES.items():
                 param = layer.get_parameter(ours + ".weight")
                 w = weight(f"model.layers.{i}.{theirs}.weight", param.shape)
-                if ours in ("attention.wq", "attention.wk"):
-                    heads = n_heads if ours == "attention.wq" else args.n_kv_heads
-                    w = w.view(heads, 2, -1, w.shape[1]).transpose(1, 2).reshape(w.shape)  # halves -> pairs
+                if ours in ROTARY_HEADS:
+                    w = rotary_pairs(w, getattr(args, ROTARY_HEADS[ours]))
                 param.copy_(w)
     return model, config
 

@@ -5,9 +5,8 @@
     python sample.py --checkpoint=out260K/ckpt.pt --start=FILE:prompt.txt --temperature=0
 
 Any checkpoint train.py writes (LoRA adapters are merged, a PPO value head is ignored), or a Hugging Face Llama
-folder (export.py's reader). A sample ends at EOS
-(or BOS: a new story) or after max_new_tokens. With --instruct the start is the instruction, wrapped in the
-instruct layout, and only the story is printed.
+folder (export.py's reader). A sample ends at EOS (or BOS: a new story) or after max_new_tokens. With --instruct
+the start is the instruction, wrapped in the instruct layout, and only the story is printed.
 """
 import os
 import sys

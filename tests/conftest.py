@@ -9,6 +9,20 @@ SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--multiple_of=8"]  # a model of seconds
 
 
+def train_in_two_processes(args, cwd):
+    """train.py under torchrun with two processes; asserts it succeeds and that both end with the same weights,
+    and returns its stdout."""
+    import subprocess
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), *args, "--print_checksum=True"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(cwd),
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    sums = dict(line.split()[1:4:2] for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert set(sums) == {"0", "1"} and sums["0"] == sums["1"], result.stdout
+    return result.stdout
+
+
 def pretrain_tiny(data_dir, out_dir, max_seq_len, max_iters, eval_every, eval_iters):
     """train.py on the plain shards of data_dir with a TINY model; returns out_dir."""
     import train

@@ -13,7 +13,7 @@ import torch
 import ppo
 import tinystories
 import train
-from conftest import ROOT, pretrain_tiny
+from conftest import ROOT, pretrain_tiny, train_in_two_processes
 from configurator import UserError
 from model import ModelArgs, Transformer, load_model, read_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
@@ -286,15 +286,9 @@ def test_ppo_checkpoint_and_resume_continues_exactly(story_data, pretrained, tmp
 def test_ppo_under_torchrun_keeps_processes_in_sync(story_data, pretrained, tmp_path):
     """Each process rolls out its own prompts; gradients, early stops and the KL coefficient are shared."""
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *ppo_args(story_data, pretrained, out, "--max_iters=2", "--eval_interval=2",
-                                                    "--print_checksum=True")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    sums = dict(line.split()[1:4:2] for line in result.stdout.splitlines() if line.startswith("rank "))
-    assert set(sums) == {"0", "1"} and sums["0"] == sums["1"], result.stdout
-    assert "2 x 8 rollouts" in result.stdout
+    stdout = train_in_two_processes(ppo_args(story_data, pretrained, out, "--max_iters=2", "--eval_interval=2"),
+                                    tmp_path)
+    assert "2 x 8 rollouts" in stdout
     # the logged stats are means over both processes, whose prompts differ
     streams = [ppo.PromptStream("plain", "train", 8, 512, 8, seed=train.seed, rank=rank, data_dir=story_data)
                for rank in (0, 1)]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import tinystories
 import train
-from conftest import ROOT, TINY, dead_pid, pretrain_tiny
+from conftest import ROOT, TINY, dead_pid, pretrain_tiny, train_in_two_processes
 from configurator import UserError
 from model import load_model, read_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
@@ -287,16 +287,11 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(story_data, t
 
 def test_ddp_two_processes_stay_in_sync(story_data, tmp_path):
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *TINY, f"--data_dir={story_data}", f"--out_dir={out}",
-           "--batch_size=4", "--max_seq_len=32", "--gradient_accumulation_steps=2", "--max_iters=8",
-           "--eval_interval=4", "--eval_iters=2", "--log_interval=1", "--dropout=0.1", "--print_checksum=True"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    sums = dict(line.split()[1:4:2] for line in result.stdout.splitlines() if line.startswith("rank "))
-    assert set(sums) == {"0", "1"} and sums["0"] == sums["1"], result.stdout
-    assert "(2 x 1 x 4 x 32)" in result.stdout  # 2 accumulation steps shared by 2 processes
+    stdout = train_in_two_processes([*TINY, f"--data_dir={story_data}", f"--out_dir={out}", "--batch_size=4",
+                                     "--max_seq_len=32", "--gradient_accumulation_steps=2", "--max_iters=8",
+                                     "--eval_interval=4", "--eval_iters=2", "--log_interval=1", "--dropout=0.1"],
+                                    tmp_path)
+    assert "(2 x 1 x 4 x 32)" in stdout  # 2 accumulation steps shared by 2 processes
     rows, evals = metrics(out)
     assert [r["iter"] for r in rows] == list(range(8)) and [r["iter"] for r in evals] == [0, 4, 8]
     ckpt = read_checkpoint(os.path.join(out, "ckpt.pt"))

@@ -238,6 +238,8 @@ def read_safetensors(path):
     for name, t in header.items():
         if name == "__metadata__":
             continue
+        if not isinstance(t, dict) or len(t.get("data_offsets") or ()) != 2 or "shape" not in t:
+            raise UserError(f"{path} is not a safetensors file (tensor {name} has no dtype, shape and offsets)")
         if t.get("dtype") not in SAFETENSORS_DTYPES:
             raise UserError(f"{path}: tensor {name} is {t.get('dtype')}; export.py reads F32, F16 and BF16")
         begin, end = (start + int(o) for o in t["data_offsets"])

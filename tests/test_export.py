@@ -310,7 +310,9 @@ def test_safetensors_reader(tmp_path):
     assert np.array_equal(back["a"], a.numpy()) and back["a"].shape == (3, 5)
     assert np.array_equal(back["b.bf16"], b.to(torch.bfloat16).float().numpy())
     data = open(path, "rb").read()
-    for damaged, message in ((data[:-4], "cut short"), (b"\xff" * 16, "not a safetensors file")):
+    entry = json.dumps({"a": [1, 2]}).encode()  # a header entry that is not {dtype, shape, data_offsets}
+    for damaged, message in ((data[:-4], "cut short"), (b"\xff" * 16, "not a safetensors file"),
+                             (struct.pack("<Q", len(entry)) + entry, "has no dtype, shape and offsets")):
         open(path, "wb").write(damaged)
         with pytest.raises(UserError, match=message):
             export.read_safetensors(path)

@@ -31,6 +31,7 @@ import os
 import shutil
 import struct
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -61,7 +62,8 @@ def per_layer(model, name):
 
 
 def shares_classifier(model):
-    return torch.equal(model.output.weight, model.tok_embeddings.weight)
+    """Whether the classifier is the token embedding itself (an untied one is written apart even when equal)."""
+    return model.output.weight is model.tok_embeddings.weight
 
 
 def shape_ints(model):
@@ -292,7 +294,8 @@ def read_hf(folder):
     args = ModelArgs(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
                      n_kv_heads=config.get("num_key_value_heads", n_heads), vocab_size=config["vocab_size"],
                      hidden_dim=config["intermediate_size"], max_seq_len=config["max_position_embeddings"],
-                     norm_eps=config.get("rms_norm_eps", 1e-5))
+                     norm_eps=config.get("rms_norm_eps", 1e-5),
+                     tie_embeddings="lm_head.weight" not in weights or bool(config.get("tie_word_embeddings")))
 
     def weight(name, shape):
         if name not in weights:
@@ -305,8 +308,8 @@ def read_hf(folder):
     with torch.no_grad():
         model.tok_embeddings.weight.copy_(weight("model.embed_tokens.weight", model.tok_embeddings.weight.shape))
         model.norm.weight.copy_(weight("model.norm.weight", model.norm.weight.shape))
-        if "lm_head.weight" in weights and not config.get("tie_word_embeddings", False):
-            model.output.weight = torch.nn.Parameter(weight("lm_head.weight", model.output.weight.shape).clone())
+        if not args.tie_embeddings:
+            model.output.weight.copy_(weight("lm_head.weight", model.output.weight.shape))
         for i, layer in enumerate(model.layers):
             for ours, theirs in HF_NAMES.items():
                 param = layer.get_parameter(ours + ".weight")
@@ -317,15 +320,14 @@ def read_hf(folder):
     return model, config
 
 
-def load_checkpoint_or_hf(path):
-    """(model, checkpoint dict) of a train.py checkpoint (LoRA merged), or of a Hugging Face Llama folder, whose
-    dict names the folder's tokenizer.model."""
-    if not os.path.isfile(os.path.join(path, "config.json")):  # a directory without one gets load_model's hint
-        return load_model(path, merge=True)
-    model, config = read_hf(path)
-    tok_path = os.path.join(path, "tokenizer.model")
-    return model, {"mode": "Hugging Face", "tokenizer": {"path": tok_path} if os.path.isfile(tok_path) else None,
-                   "eos": config.get("eos_token_id") is not None}  # a Llama that names EOS ends its texts with it
+def hf_checkpoint(folder):
+    """A Hugging Face Llama folder as a checkpoint dict like train.py's, naming the folder's tokenizer.model."""
+    model, config = read_hf(folder)
+    tok_path = os.path.join(folder, "tokenizer.model")
+    tok = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
+    return {"model_args": asdict(model.args), "model": model.state_dict(), "mode": "Hugging Face",
+            "tokenizer": tok and {"path": tok_path, "vocab_size": tok.vocab_size, "sha256": tok.vocab_sha256()},
+            "eos": config.get("eos_token_id") is not None}  # a Llama that names EOS ends its texts with it
 
 
 def read_bin(path):
@@ -350,7 +352,7 @@ def read_bin(path):
         offset = 28
     dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = ints
     args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab,
-                     hidden_dim=hidden, max_seq_len=seq_len, norm_eps=norm_eps)
+                     hidden_dim=hidden, max_seq_len=seq_len, norm_eps=norm_eps, tie_embeddings=shared)
     kv = n_kv_heads * (dim // n_heads)
     shapes = {"attention.wq": (dim, dim), "attention.wk": (kv, dim), "attention.wv": (kv, dim),
               "attention.wo": (dim, dim), "feed_forward.w1": (hidden, dim), "feed_forward.w2": (dim, hidden),
@@ -396,7 +398,7 @@ def read_bin(path):
     with torch.no_grad():
         model.tok_embeddings.weight.copy_(torch.from_numpy(w["tok_embeddings"]))
         if not shared:
-            model.output.weight = torch.nn.Parameter(torch.from_numpy(w["output"]))
+            model.output.weight.copy_(torch.from_numpy(w["output"]))
         model.norm.weight.copy_(torch.from_numpy(w["norm"]))
         for i, layer in enumerate(model.layers):
             for name in ("attention_norm", "ffn_norm", *MATRICES):
@@ -455,7 +457,7 @@ def main(argv=None):
         raise UserError(f"--version must be one of {sorted(WRITERS)}, got {version}")
     if hf and os.path.isfile(out):
         raise UserError(f"--hf=True writes a folder, and {out} is a file: give a folder name")
-    model, ckpt = load_checkpoint_or_hf(checkpoint)
+    model, ckpt = load_model(checkpoint, merge=True)
     tok = checkpoint_tokenizer(ckpt, tokenizer, model.args.vocab_size)
     mode = ckpt.get("mode", "pretrain")
     dropped = {"ppo": " (value head not exported)", "reward_model": " (reward head not exported)"}.get(mode, "")

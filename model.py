@@ -4,7 +4,7 @@ import inspect
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -27,6 +27,7 @@ class ModelArgs:
     norm_eps: float = 1e-5
     max_seq_len: int = 2048
     dropout: float = 0.0
+    tie_embeddings: bool = True  # the classifier is the token embedding (llama2.c's models; most larger Llamas not)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -205,7 +206,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size, bias=False)
-        self.output.weight = self.tok_embeddings.weight  # tied, as in llama2.c
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
         cos, sin = rope_tables(args.head_dim, args.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -463,8 +465,8 @@ def merge_lora(model):
         for attr, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 setattr(module, attr, child.merged())
-    if hasattr(model, "output") and hasattr(model, "tok_embeddings"):
-        model.output.weight = model.tok_embeddings.weight
+    if model.args.tie_embeddings and model.output.weight is not model.tok_embeddings.weight:
+        model.args = replace(model.args, tie_embeddings=False)  # an adapter on the classifier was merged into it
     return model
 
 
@@ -482,9 +484,14 @@ def save_checkpoint(obj, path):
 
 
 def read_checkpoint(path, device="cpu"):
-    """The checkpoint dict at path, with a clear error for a missing or unreadable file."""
+    """The checkpoint dict at path, with a clear error for a missing or unreadable file. A Hugging Face Llama
+    folder reads as a checkpoint too, so that every script can start from one."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from export import hf_checkpoint  # export.py holds the Hugging Face format, both ways
+        return hf_checkpoint(path)
     if os.path.isdir(path):
-        raise UserError(f"{path} is a directory; give the checkpoint in it, e.g. {os.path.join(path, 'ckpt.pt')}")
+        raise UserError(f"{path} is a directory; give the checkpoint in it, e.g. {os.path.join(path, 'ckpt.pt')}, "
+                        "or a Hugging Face folder (with config.json)")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
@@ -523,7 +530,7 @@ def model_from_checkpoint(ckpt, device="cpu", merge=False, path="checkpoint"):
     expected = model.state_dict()
     if base_path:  # only the adapters come from this file
         expected = {k: v for k, v in expected.items() if ".lora_" in k}
-    missing = [k for k in expected if k not in state and k != "output.weight"]
+    missing = [k for k in expected if k not in state and not (k == "output.weight" and model.args.tie_embeddings)]
     unexpected = [k for k in state if k not in model.state_dict()]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
              for k in expected if k in state and state[k].shape != expected[k].shape]
@@ -551,10 +558,10 @@ def weights_checksum(model):
 
 def _resolve_base(base_path, ckpt_path):
     """A base checkpoint path as recorded, or relative to the LoRA checkpoint's folder."""
-    if os.path.isfile(base_path):
+    if os.path.exists(base_path):  # a file, or a Hugging Face folder
         return base_path
     beside = os.path.join(os.path.dirname(ckpt_path), os.path.basename(base_path))
-    if os.path.isfile(beside):
+    if os.path.exists(beside):
         return beside
     raise UserError(f"{ckpt_path} is a LoRA checkpoint whose base {base_path} is missing; restore it or "
                     "export the merged model where the base exists")

@@ -15,8 +15,7 @@ from contextlib import nullcontext
 import torch
 
 from configurator import UserError, cli, configure
-from export import load_checkpoint_or_hf
-from model import AUTOCAST_DTYPES, autocast_context, pick_device, without_stop
+from model import AUTOCAST_DTYPES, autocast_context, load_model, pick_device, without_stop
 from tokenizer import Tokenizer, instruct_prompt
 
 checkpoint = ""  # the ckpt.pt to sample from (or a Hugging Face Llama folder)
@@ -86,7 +85,7 @@ def main(argv=None):
         if not ok:
             raise UserError(f"--{name}={value} is out of range")
     dev = pick_device(device)
-    model, ckpt = load_checkpoint_or_hf(checkpoint)
+    model, ckpt = load_model(checkpoint, merge=True)
     model = model.to(dev).eval()
     tok = load_tokenizer(ckpt, tokenizer, model.args.vocab_size)
     text = prompt_text(start)

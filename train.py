@@ -51,7 +51,7 @@ log_interval = 10
 eval_iters = 10  # val batches per eval; llama2.c's 2 x 100 takes 15 s on a 2-core CPU
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = False  # True: keep only the latest checkpoint, no best.pt
-init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | path of a checkpoint to fine-tune
+init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | a checkpoint or Hugging Face Llama folder to fine-tune
 # data
 data_dir = "data"
 vocab_source = "custom"  # custom: our tokenizer in data/tok{vocab_size}; llama2: Meta's 32000 tokens, data/tok0

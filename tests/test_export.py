@@ -64,8 +64,7 @@ def test_v1_header_and_weights(tmp_path):
 
 
 def test_unshared_classifier_is_flagged(tmp_path):
-    model = tiny()
-    model.output.weight = torch.nn.Parameter(torch.randn_like(model.output.weight))
+    model = tiny(tie_embeddings=False)
     for version in (0, 1, 2):
         path = str(tmp_path / f"m{version}.bin")
         export.export(model, path, version)
@@ -250,17 +249,12 @@ def attention_scores(q, k):
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_hf_folder_holds_hf_names_and_rotary_order(tmp_path, capsys, shared):
-    model = tiny()
-    if not shared:
-        model.output.weight = torch.nn.Parameter(torch.randn_like(model.output.weight))
+    model = tiny(tie_embeddings=shared)
     tok_path, _ = train_inference_tokenizer(str(tmp_path), "tok")
     out = tmp_path / "hf"
-    if shared:  # through the command line; checkpoints always tie the classifier, so the other case goes direct
-        ckpt = checkpoint(model, tmp_path / "ckpt.pt", tokenizer={"path": tok_path, "vocab_size": 400})
-        export.main([str(out), f"--checkpoint={ckpt}", "--hf=True"])
-        assert "Hugging Face" in capsys.readouterr().out
-    else:
-        export.write_hf(str(out), model, Tokenizer(tok_path))
+    ckpt = checkpoint(model, tmp_path / "ckpt.pt", tokenizer={"path": tok_path, "vocab_size": 400})
+    export.main([str(out), f"--checkpoint={ckpt}", "--hf=True"])
+    assert "Hugging Face" in capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["config.json", "pytorch_model.bin", "tokenizer.model", "tokenizer_config.json"]
     config = json.loads((out / "config.json").read_text())
     a = model.args
@@ -319,8 +313,7 @@ def test_safetensors_reader(tmp_path):
 
 
 def test_hf_folder_reads_back_and_exports_the_same_bin(tmp_path, capsys):
-    untied = tiny(dim=48, n_heads=6, n_kv_heads=2)
-    untied.output.weight = torch.nn.Parameter(torch.randn_like(untied.output.weight))
+    untied = tiny(dim=48, n_heads=6, n_kv_heads=2, tie_embeddings=False)
     export.write_hf(str(tmp_path / "untied"), untied)
     back, _ = export.read_hf(str(tmp_path / "untied"))
     assert weights_equal(back, untied) and not torch.equal(back.output.weight, back.tok_embeddings.weight)

@@ -253,6 +253,30 @@ def test_merged_lora_output_equals_unmerged():
     assert model.output.weight is model.tok_embeddings.weight
 
 
+def test_untied_classifier_survives_a_checkpoint_and_a_merged_classifier_adapter_unties():
+    model = tiny(tie_embeddings=False)
+    assert model.output.weight is not model.tok_embeddings.weight
+    state = model.state_dict()
+    back = model_from_checkpoint({"model": state, "model_args": vars(model.args)})
+    assert torch.equal(back.output.weight, model.output.weight) and not back.args.tie_embeddings
+    with pytest.raises(UserError, match="missing output.weight"):
+        model_from_checkpoint({"model": {k: v for k, v in state.items() if k != "output.weight"},
+                               "model_args": vars(model.args)})
+    # llama2.c's checkpoints name no tie_embeddings: tied
+    old_args = {k: v for k, v in vars(model.args).items() if k != "tie_embeddings"}
+    tied = model_from_checkpoint({"model": {k: v for k, v in state.items() if k != "output.weight"},
+                                  "model_args": old_args})
+    assert tied.output.weight is tied.tok_embeddings.weight
+    # an adapter on a tied classifier changes the classifier only, so merging it unties the two
+    apply_lora(tied, rank=2, targets=("output",))
+    torch.nn.init.normal_(tied.output.lora_b, std=0.05)
+    x = torch.randint(0, 64, (1, 8))
+    before = tied(x)[0]
+    merge_lora(tied)
+    assert not tied.args.tie_embeddings and torch.allclose(tied(x)[0], before, atol=1e-5)
+    assert torch.equal(tied.tok_embeddings.weight, state["tok_embeddings.weight"])
+
+
 def test_lora_unknown_target_and_bad_rank_are_user_errors():
     with pytest.raises(UserError, match="match no Linear"):
         apply_lora(tiny(), rank=2, targets=("wqq",))

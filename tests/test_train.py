@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shutil
@@ -10,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import export
 import tinystories
 import train
 from conftest import ROOT, TINY, dead_pid, pretrain_tiny, train_in_two_processes
 from configurator import UserError
-from model import load_model, read_checkpoint, save_checkpoint
+from model import Transformer, load_model, read_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
 
 CONTRACT = {"model", "model_args", "config", "mode", "iter_num", "best_val_loss", "optimizer", "rng", "data_state",
@@ -209,6 +211,36 @@ def test_lora_checkpoint_holds_only_adapters_and_base_is_untouched(story_data, s
     save_checkpoint(dict(ckpt, base_checkpoint=str(tmp_path / "base_trained_on.pt")), str(tmp_path / "lora.pt"))
     with pytest.raises(UserError, match="has been trained on since"):
         load_model(str(tmp_path / "lora.pt"))
+
+
+def test_fine_tunes_a_hugging_face_folder_as_it_would_the_checkpoint(story_data, pretrained, tmp_path):
+    ckpt_path = os.path.join(pretrained, "ckpt.pt")
+    tied, untied = str(tmp_path / "hf"), str(tmp_path / "hf_untied")
+    export.main([tied, f"--checkpoint={ckpt_path}", "--hf=True"])
+    model, ckpt = load_model(ckpt_path)
+    separate = Transformer(dataclasses.replace(model.args, tie_embeddings=False))
+    separate.load_state_dict(model.state_dict())  # the same classifier, as a weight of its own
+    export.write_hf(untied, separate, Tokenizer(ckpt["tokenizer"]["path"]))
+    args = [f"--data_dir={story_data}", "--sft=True", f"--max_seq_len={sft_seq_len(story_data)}", "--batch_size=2",
+            "--max_iters=4", "--eval_interval=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=0",
+            "--learning_rate=1e-2"]
+    losses = {}
+    for source in (ckpt_path, tied, untied):
+        out = str(tmp_path / f"out{len(losses)}")
+        train.main(args + [f"--init_from={source}", f"--out_dir={out}"])
+        losses[source] = [r["loss"] for r in metrics(out)[0]]
+        trained, _ = load_model(os.path.join(out, "ckpt.pt"))
+        assert trained.args.tie_embeddings == (source != untied)
+    assert losses[tied] == losses[ckpt_path]  # the folder holds the checkpoint's model exactly
+    assert losses[untied][0] == pytest.approx(losses[ckpt_path][0], rel=1e-6) and losses[untied] != losses[tied]
+    assert not torch.equal(trained.output.weight, trained.tok_embeddings.weight)  # trained apart
+    # LoRA adapters on a folder name it as their base and merge onto it
+    out = str(tmp_path / "lora")
+    lora_args = [a for a in args if not a.startswith(("--max_seq_len", "--sft"))]  # the base's context: no SFT
+    train.main(lora_args + [f"--init_from={untied}", f"--out_dir={out}", "--lora_rank=4"])
+    assert read_checkpoint(os.path.join(out, "ckpt.pt"))["base_checkpoint"] == os.path.abspath(untied)
+    merged, _ = load_model(os.path.join(out, "ckpt.pt"), merge=True)
+    assert not merged.args.tie_embeddings and torch.equal(merged.output.weight, separate.output.weight)
 
 
 def test_eval_only_and_always_save_checkpoint(story_data, pretrained, tmp_path):

@@ -243,7 +243,7 @@ def read_safetensors(path):
         if not isinstance(t, dict) or len(t.get("data_offsets") or ()) != 2 or "shape" not in t:
             raise UserError(f"{path} is not a safetensors file (tensor {name} has no dtype, shape and offsets)")
         if t.get("dtype") not in SAFETENSORS_DTYPES:
-            raise UserError(f"{path}: tensor {name} is {t.get('dtype')}; export.py reads F32, F16 and BF16")
+            raise UserError(f"{path}: tensor {name} is {t.get('dtype')}; only F32, F16 and BF16 are read")
         begin, end = (start + int(o) for o in t["data_offsets"])
         if not start <= begin <= end <= len(data):
             raise UserError(f"{path} is cut short: tensor {name} runs past its end; download it again")
@@ -263,7 +263,7 @@ def read_hf(folder):
     if not isinstance(config, dict):
         raise UserError(f"{folder} has no readable config.json: give a Hugging Face model folder")
     if config.get("model_type") != "llama":
-        raise UserError(f"{folder} holds a {config.get('model_type')!r} model; export.py reads Llama models")
+        raise UserError(f"{folder} holds a {config.get('model_type')!r} model; only Llama models are read")
     missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
                            "intermediate_size", "max_position_embeddings") if not isinstance(config.get(k), int)]
     if missing:

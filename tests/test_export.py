@@ -334,7 +334,7 @@ def test_hf_folder_reads_back_and_exports_the_same_bin(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda c, w: c.update(model_type="mistral"), "export.py reads Llama models"),
+    (lambda c, w: c.update(model_type="mistral"), "only Llama models are read"),
     (lambda c, w: c.pop("vocab_size"), "lacks vocab_size"),
     (lambda c, w: c.update(rope_theta=500000.0), "its rope_theta differ"),
     (lambda c, w: w.pop("model.layers.1.mlp.up_proj.weight"), "lacks the weight model.layers.1.mlp.up_proj"),

@@ -253,11 +253,12 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 stop_tokens=(), generator=None, seed=None, return_logits=False):
+                 stop_tokens=(), generator=None, seed=None, return_hidden=False):
         """Continue each prompt (a list of token lists, lengths may differ) by up to max_new_tokens.
 
         Returns the new tokens of each row; a row ends after its first stop token, which is included.
-        With return_logits, also each row's (n_new, vocab) logits that its tokens were drawn from."""
+        With return_hidden, also each row's (n_new, dim) final hidden states, whose logits (self.output) its tokens
+        were drawn from: what PPO's value head and log-probs read, without a second forward pass."""
         if isinstance(prompts, torch.Tensor):
             prompts = prompts.tolist()
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -286,22 +287,24 @@ class Transformer(nn.Module):
         padded = bool(pad.any())
         mask = prefill_mask[:, None] if padded else None
         h = self.hidden_states(tokens, positions[:, :T0], cache=cache, start=0, mask=mask)
-        logits = self.output(h[:, -1])
+        h = h[:, -1]
+        logits = self.output(h)
         if not bool(torch.isfinite(logits).all()):  # no sampler can draw from them: say why instead
             raise UserError("the model's logits are not finite: its weights hold NaN or infinity (a training run "
                             "that diverged)")
         out = [[] for _ in range(B)]
-        out_logits = [[] for _ in range(B)]
+        hidden = h.new_zeros(B, total - T0, h.size(-1)) if return_hidden else None
         rows = list(range(B))  # the prompt each row of the batch continues
         done = torch.zeros(B, dtype=torch.bool, device=device)
         stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
         for t in range(T0, T0 + max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             drawn = nxt.tolist()
-            for i in (~done).nonzero().flatten().tolist():
+            running = (~done).nonzero().flatten().tolist()
+            for i in running:
                 out[rows[i]].append(drawn[i])
-                if return_logits:
-                    out_logits[rows[i]].append(logits[i].float())
+            if return_hidden:
+                hidden[[rows[i] for i in running], t - T0] = h[running]
             if len(stop):
                 done |= torch.isin(nxt, stop)
             if bool(done.all()) or t + 1 >= total:
@@ -312,10 +315,10 @@ class Transformer(nn.Module):
                 rows = [rows[i] for i in keep.tolist()]
                 nxt, key_valid, positions, done = nxt[keep], key_valid[keep], positions[keep], done[keep]
             mask = key_valid[:, None, None, :t + 1] if padded else None
-            h = self.hidden_states(nxt[:, None], positions[:, t:t + 1], cache=cache, start=t, mask=mask)
-            logits = self.output(h[:, -1])
-        if return_logits:
-            return out, [torch.stack(rows) if rows else logits.new_zeros(0, logits.size(-1)) for rows in out_logits]
+            h = self.hidden_states(nxt[:, None], positions[:, t:t + 1], cache=cache, start=t, mask=mask)[:, -1]
+            logits = self.output(h)
+        if return_hidden:
+            return out, [hidden[b, :len(row)] for b, row in enumerate(out)]
         return out
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):

@@ -12,8 +12,8 @@ labelling preferences.
 train.py runs the loops (settings, optimizer, checkpoints, resume, metrics.jsonl); this file has the parts.
 One PPO iteration: the policy answers `rollouts` prompts (temperature 1, no top-k/top-p: the log-probs must be
 those of the distribution that drew the tokens); each response is scored, the score going on its last token;
-one batched pass of the policy gives the old log-probs and values (a value head on the final normed hidden
-state), one of the frozen reference its log-probs; every response token gets the reward -kl_coef * KL(policy ||
+the final normed hidden states the rollout drew from give the old log-probs and values (a value head on them)
+without another pass of the policy, and one batched pass of the frozen reference its log-probs; every response token gets the reward -kl_coef * KL(policy ||
 reference); advantages by GAE, whitened over the valid tokens; then ppo_epochs over shuffled minibatches of the
 clipped policy loss plus vf_coef times the clipped value loss. Padding is masked out of every mean.
 
@@ -92,7 +92,10 @@ class TransformerWithHead(nn.Module):
 
     def forward(self, tokens, positions, logits=True):
         h = self.transformer.hidden_states(tokens)
-        h = h.gather(1, positions[..., None].expand(-1, -1, h.size(-1)))
+        return self.read(h.gather(1, positions[..., None].expand(-1, -1, h.size(-1))), logits)
+
+    def read(self, h, logits=True):
+        """Logits and head of final hidden states h (B, P, dim)."""
         return (self.transformer.output(h) if logits else None,
                 self.head(h).squeeze(-1).float() if self.head is not None else None)
 
@@ -158,12 +161,14 @@ class PromptStream(tinystories.BatchStream):
 # ----------------------------------------------------------------------------- rollouts
 
 @torch.no_grad()
-def rollout(model, queries, max_new_tokens, stop_tokens, temperature=1.0, generator=None, ctx=nullcontext()):
-    """Each query's response from one batched KV-cache generate; a response that stopped ends with its stop token."""
+def rollout(model, queries, max_new_tokens, stop_tokens, temperature=1.0, generator=None, ctx=nullcontext(),
+            return_hidden=False):
+    """Each query's response from one batched KV-cache generate; a response that stopped ends with its stop token.
+    With return_hidden, also the final hidden state each response token was drawn from."""
     model.eval()
     with ctx:
         return model.generate(queries, max_new_tokens, temperature=temperature, stop_tokens=stop_tokens,
-                              generator=generator)
+                              generator=generator, return_hidden=return_hidden)
 
 
 @dataclass
@@ -203,10 +208,11 @@ def token_logprobs(logits, targets):
 
 
 @torch.no_grad()
-def score_responses(model, data, batch_size, ctx=nullcontext()):
+def score_responses(model, data, batch_size, ctx=nullcontext(), hidden=None):
     """Log-probs (N, R) of the response tokens under model (a TransformerWithHead), its values (N, R) if it has
     a head, and the entropy of each position's distribution; zero on padding. Rows go in batches of similar
-    length, so little padding is computed."""
+    length, so little padding is computed. hidden: the model's own final hidden states of each response (as
+    its rollout returned them), read instead of running the model again."""
     model.eval()
     dev = device_of(model)
     n, width = data.mask.shape
@@ -215,7 +221,10 @@ def score_responses(model, data, batch_size, ctx=nullcontext()):
     for index in torch.argsort(data.query_len + data.response_len).split(batch_size):
         tokens, positions, targets, mask = (t.to(dev) for t in data.rows(index))
         with ctx:
-            logits, v = model(tokens, positions)
+            if hidden is None:
+                logits, v = model(tokens, positions)
+            else:
+                logits, v = model.read(nn.utils.rnn.pad_sequence([hidden[i] for i in index], batch_first=True))
         logits = logits.float()
         r = targets.shape[1]
         logp[index, :r] = token_logprobs(logits, targets).masked_fill(~mask, 0.0).cpu()
@@ -495,11 +504,12 @@ def ppo_iteration(model, reference, prompts, reward, kl_ctl, cfg, update, stop_t
     t0 = time.perf_counter()
     batch = next(prompts)
     queries = [p["tokens"] for p in batch]
-    responses = rollout(policy.transformer, queries, cfg.max_new_tokens, stop_tokens, ctx=ctx)
+    responses, hidden = rollout(policy.transformer, queries, cfg.max_new_tokens, stop_tokens, ctx=ctx,
+                                return_hidden=True)
     t1 = time.perf_counter()
     scores, reward_parts = reward(batch, responses)
     data = Rollouts.pack(queries, responses)
-    old_logp, old_values, entropy = score_responses(policy, data, cfg.batch_size, ctx)
+    old_logp, old_values, entropy = score_responses(policy, data, cfg.batch_size, ctx, hidden)
     ref_logp, _, _ = score_responses(reference, data, cfg.batch_size, ctx)
     t2 = time.perf_counter()
     mask = data.mask

@@ -113,9 +113,10 @@ def test_linear_of_a_few_rows_equals_nn_linear_with_gradients(shape, own_path, m
 def test_kv_cache_logits_equal_full_forward_for_unequal_prompts():
     model = tiny()
     prompts = [[1, 5, 6, 7, 8, 9, 10], [1, 9], [1, 3, 4, 5]]
-    out, step_logits = model.generate(prompts, 15, temperature=0.0, return_logits=True)
+    out, step_hidden = model.generate(prompts, 15, temperature=0.0, return_hidden=True)
     worst = 0.0
-    for p, new, lg in zip(prompts, out, step_logits):
+    for p, new, h in zip(prompts, out, step_hidden):
+        lg = model.output(h)
         assert len(new) == 15 and lg.shape == (15, 64)
         full, _ = model(torch.tensor([p + new]))
         ref = full[0, len(p) - 1:len(p) - 1 + len(new)]
@@ -148,13 +149,13 @@ def test_rows_that_stopped_leave_the_batch_and_the_rest_run_on_unchanged():
     batch_sizes = []
     orig = model.hidden_states
     model.hidden_states = lambda tokens, *a, **kw: batch_sizes.append(tokens.shape[0]) or orig(tokens, *a, **kw)
-    out, step_logits = model.generate(prompts, 24, temperature=0.0, stop_tokens=stops, return_logits=True)
+    out, step_hidden = model.generate(prompts, 24, temperature=0.0, stop_tokens=stops, return_hidden=True)
     model.hidden_states = orig
     assert batch_sizes[0] == 16 and min(batch_sizes) < 16  # finished rows were dropped on the way
-    for p, row, lg in zip(prompts, out, step_logits):
+    for p, row, h in zip(prompts, out, step_hidden):
         assert row == model.generate([p], 24, temperature=0.0, stop_tokens=stops)[0]
         full, _ = model(torch.tensor([p + row]))
-        assert torch.allclose(full[0, len(p) - 1:len(p) - 1 + len(row)], lg, atol=1e-5)
+        assert torch.allclose(full[0, len(p) - 1:len(p) - 1 + len(row)], model.output(h), atol=1e-5)
 
 
 def test_generate_stops_at_max_seq_len():

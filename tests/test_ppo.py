@@ -143,6 +143,18 @@ def tiny_policy(seed=0):
     return ppo.TransformerWithHead(Transformer(args), head)
 
 
+def test_rollout_hidden_states_score_as_a_forward_pass_does():
+    model = tiny_policy()
+    queries = [[1, 5, 6, 7], [1, 9], [1, 3, 4, 5, 6, 7, 8]]
+    responses, hidden = ppo.rollout(model.transformer, queries, 20, stop_tokens=(5, 6), return_hidden=True,
+                                    generator=torch.Generator().manual_seed(0))
+    assert len({len(r) for r in responses}) > 1  # rows stopped at different steps
+    data = ppo.Rollouts.pack(queries, responses)
+    forward = ppo.score_responses(model, data, batch_size=2)
+    read = ppo.score_responses(model, data, batch_size=2, hidden=hidden)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(forward, read))
+
+
 def test_padding_changes_nothing():
     model = tiny_policy()
     rng = random.Random(0)

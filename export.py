@@ -20,7 +20,7 @@ trained with EOS, 2: the tokenizer drops leading, trailing and repeated spaces, 
 space) and float32 norm_eps at byte 68.
 
 --hf=True writes a folder that transformers' LlamaForCausalLM.from_pretrained reads instead: config.json,
-pytorch_model.bin (fp32, HF's parameter names, the q and k rows of each head reordered from Meta's interleaved
+model.safetensors (fp32, HF's parameter names, the q and k rows of each head reordered from Meta's interleaved
 rotary pairs to HF's halves) and the sentencepiece tokenizer.model with a tokenizer_config.json. A folder as
 --checkpoint is read the other way (a Llama with Llama 2's rotary settings; weights in safetensors or
 pytorch_model.bin, fp32, fp16 or bf16).
@@ -190,7 +190,7 @@ def rotary_pairs(w, n_heads):
 
 
 def write_hf(folder, model, tok=None):
-    """A Hugging Face Llama folder: config.json, pytorch_model.bin and, given tok, its tokenizer files."""
+    """A Hugging Face Llama folder: config.json, model.safetensors and, given tok, its tokenizer files."""
     a, shared = model.args, shares_classifier(model)
     weights = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
     if not shared:
@@ -201,7 +201,6 @@ def write_hf(folder, model, tok=None):
             if ours in ROTARY_HEADS:
                 w = rotary_halves(w, getattr(a, ROTARY_HEADS[ours]))
             weights[f"model.layers.{i}.{theirs}.weight"] = w
-    weights = {k: v.detach().float().contiguous().clone() for k, v in weights.items()}
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
               "intermediate_size": a.hidden_dim, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
               "num_key_value_heads": a.n_kv_heads, "vocab_size": a.vocab_size, "max_position_embeddings": a.max_seq_len,
@@ -211,8 +210,7 @@ def write_hf(folder, model, tok=None):
         config.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     with atomic_output(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    with atomic_output(os.path.join(folder, "pytorch_model.bin")) as f:
-        torch.save(weights, f)
+    write_safetensors(os.path.join(folder, "model.safetensors"), weights)
     if tok is not None:
         with atomic_output(os.path.join(folder, "tokenizer.model")) as f, open(tok.model_path, "rb") as src:
             shutil.copyfileobj(src, f)
@@ -223,6 +221,22 @@ def write_hf(folder, model, tok=None):
 
 
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+def write_safetensors(path, tensors):
+    """Tensors as float32 in a .safetensors file (read_safetensors' format), with the metadata transformers
+    expects of a PyTorch one."""
+    arrays = {name: _f32(t) for name, t in tensors.items()}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, a in arrays.items():
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with atomic_output(path) as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for a in arrays.values():
+            f.write(a.tobytes())
 
 
 def read_safetensors(path):

@@ -255,7 +255,7 @@ def test_hf_folder_holds_hf_names_and_rotary_order(tmp_path, capsys, shared):
     ckpt = checkpoint(model, tmp_path / "ckpt.pt", tokenizer={"path": tok_path, "vocab_size": 400})
     export.main([str(out), f"--checkpoint={ckpt}", "--hf=True"])
     assert "Hugging Face" in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == ["config.json", "pytorch_model.bin", "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
     config = json.loads((out / "config.json").read_text())
     a = model.args
     assert (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]) == (a.dim, a.hidden_dim,
@@ -263,7 +263,7 @@ def test_hf_folder_holds_hf_names_and_rotary_order(tmp_path, capsys, shared):
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"]) == (4, 2, 400)
     assert config["tie_word_embeddings"] == shared and config["model_type"] == "llama"
     assert (out / "tokenizer.model").read_bytes() == open(tok_path, "rb").read()
-    weights = torch.load(out / "pytorch_model.bin", weights_only=True)
+    weights = hf_weights(out)
     assert ("lm_head.weight" in weights) != shared and len(weights) == 3 + 9 * a.n_layers - shared
     layer = model.layers[1]
     assert torch.equal(weights["model.layers.1.mlp.gate_proj.weight"], layer.feed_forward.w1.weight)
@@ -296,6 +296,10 @@ def write_safetensors(path, tensors):
         f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
 
 
+def hf_weights(folder):
+    return {k: torch.from_numpy(v) for k, v in export.read_safetensors(str(folder / "model.safetensors")).items()}
+
+
 def test_safetensors_reader(tmp_path):
     a, b = torch.randn(3, 5), torch.randn(4)
     path = str(tmp_path / "w.safetensors")
@@ -317,12 +321,11 @@ def test_hf_folder_reads_back_and_exports_the_same_bin(tmp_path, capsys):
     export.write_hf(str(tmp_path / "untied"), untied)
     back, _ = export.read_hf(str(tmp_path / "untied"))
     assert weights_equal(back, untied) and not torch.equal(back.output.weight, back.tok_embeddings.weight)
-    # the same folder in safetensors, as transformers saves it, reads the same
-    folder = tmp_path / "safetensors"
+    # the same folder with pytorch_model.bin, as older transformers saved it, reads the same
+    folder = tmp_path / "bin"
     folder.mkdir()
     (folder / "config.json").write_text((tmp_path / "untied" / "config.json").read_text())
-    write_safetensors(str(folder / "model.safetensors"),
-                      torch.load(tmp_path / "untied" / "pytorch_model.bin", weights_only=True))
+    torch.save(hf_weights(tmp_path / "untied"), folder / "pytorch_model.bin")
     assert weights_equal(export.read_hf(str(folder))[0], untied)
     # through the command line: checkpoint -> folder -> .bin is the .bin of the checkpoint, byte for byte
     tok_path, _ = train_inference_tokenizer(str(tmp_path), "tok", remove_extra_whitespaces=False)
@@ -344,10 +347,10 @@ def test_hf_folder_problems_are_clear_errors(tmp_path, edit, message):
     folder = tmp_path / "hf"
     export.write_hf(str(folder), tiny())
     config = json.loads((folder / "config.json").read_text())
-    weights = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    weights = hf_weights(folder)
     edit(config, weights)
     (folder / "config.json").write_text(json.dumps(config))
-    torch.save(weights, folder / "pytorch_model.bin")
+    export.write_safetensors(str(folder / "model.safetensors"), weights)
     with pytest.raises(UserError, match=message):
         export.read_hf(str(folder))
 

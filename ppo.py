@@ -10,12 +10,13 @@ labelling preferences.
     python ppo.py eval --checkpoint=out-ppo-words/ckpt.pt --reward=words             # on held-out prompts
 
 train.py runs the loops (settings, optimizer, checkpoints, resume, metrics.jsonl); this file has the parts.
-One PPO iteration: the policy answers `rollouts` prompts (temperature 1, no top-k/top-p: the log-probs must be
-those of the distribution that drew the tokens); each response is scored, the score going on its last token;
-the final normed hidden states the rollout drew from give the old log-probs and values (a value head on them)
-without another pass of the policy, and one batched pass of the frozen reference its log-probs; every response token gets the reward -kl_coef * KL(policy ||
-reference); advantages by GAE, whitened over the valid tokens; then ppo_epochs over shuffled minibatches of the
-clipped policy loss plus vf_coef times the clipped value loss. Padding is masked out of every mean.
+One PPO iteration: the policy answers `rollouts` prompts (temperature 1, no top-k/top-p: the log-probs must be those
+of the distribution that drew the tokens); each response is scored, the score going on its last token; the final
+normed hidden states the rollout drew from give the old log-probs and values (a value head on them) without another
+pass of the policy, and one batched pass of the frozen reference its log-probs; every response token gets the reward
+-kl_coef * KL(policy || reference); advantages by GAE, whitened over the valid tokens; then ppo_epochs over shuffled
+minibatches of the clipped policy loss plus vf_coef times the clipped value loss. Padding is masked out of every
+mean.
 
 Rewards (--reward, terms joined by +, each with an optional weight: length+0.5*words):
   length       -|target_len - len(query + response)| / 100, the stop token not counted (the PPO fork's reward)
@@ -845,7 +846,11 @@ def main(argv=None):
     model = frozen(model.to(pick_device(device)))
     tok = load_tokenizer(ckpt, "", model.args.vocab_size)
     kind = default_prompts(ckpt) if prompts == "auto" else prompts
-    data_vocab = 0 if (ckpt.get("config") or {}).get("vocab_source") == "llama2" else model.args.vocab_size
+    data_vocab = 0 if tinystories.vocab_source_of(ckpt, model.args.vocab_size) == "llama2" else model.args.vocab_size
+    instruct = kind == "instruct"
+    data_folder = tinystories.pretok_dir(data_vocab, instruct, data_dir)
+    tinystories.check_tokenizer(tinystories.read_meta(data_vocab, instruct, data_dir), ckpt.get("tokenizer"),
+                                model.args.vocab_size, checkpoint, data_folder)
     stops = (tok.bos_id, tok.eos_id)
     if command == "label":
         if not out:

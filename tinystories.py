@@ -47,6 +47,7 @@ from tokenizer import Tokenizer, instruct_example
 DATA_DIR = "data"
 CORPUS = "TinyStories_all_data"  # the folder of JSON shards, also the archive's name
 BUILTIN_STAMP = ".builtin"  # in the corpus folder: the settings builtin wrote it with
+LLAMA2_VOCAB = 32000  # Meta's Llama 2 tokenizer, whose data lives in tok0/
 SUBCOMMANDS = ("download", "builtin", "train_vocab", "pretokenize")
 SIMPLE_WORDS_INSTRUCTION = "Write a story."  # stands for TinyStories' "Write a short story (3-5 paragraphs)..."
 
@@ -506,6 +507,28 @@ def read_meta(vocab_size, instruct=False, data_dir=DATA_DIR):
     if damage:
         raise _damaged(damage, vocab_size, instruct, data_dir)
     return meta
+
+
+def vocab_source_of(ckpt, vocab_size):
+    """The vocabulary a checkpoint's data was tokenized with, "llama2" (data in tok0/) or "custom", as its run
+    recorded it; a checkpoint recording none (llama2.c's, a Hugging Face folder) of 32000 tokens has Llama 2's."""
+    return (ckpt.get("config") or {}).get("vocab_source", "llama2" if vocab_size == LLAMA2_VOCAB else "custom")
+
+
+def check_tokenizer(meta, recorded, vocab_size, name, folder):
+    """Refuse a model (vocab_size, the tokenizer record of its checkpoint, named name) on the data of folder
+    (its meta) when the data was tokenized with another vocabulary."""
+    if meta["vocab_size"] != vocab_size:
+        raise UserError(f"the data in {folder} has {meta['vocab_size']} tokens but the model has {vocab_size}")
+    recorded = recorded or {}  # llama2.c's checkpoints record none
+    if recorded.get("vocab_size", meta["vocab_size"]) != meta["vocab_size"]:
+        raise UserError(f"{name} was trained with a {recorded['vocab_size']}-token tokenizer but the data uses "
+                        f"{meta['vocab_size']} tokens")
+    if recorded.get("sha256") and meta.get("tokenizer_sha256") and recorded["sha256"] != meta["tokenizer_sha256"]:
+        same = " (the same file, retrained since)" if recorded.get("path") == meta["tokenizer"] else ""
+        raise UserError(f"{name} was trained with the vocabulary of {recorded.get('path')}, but the data was "
+                        f"tokenized with another vocabulary, {meta['tokenizer']}{same}; pretokenize with the "
+                        "checkpoint's tokenizer")
 
 
 def _pretokenize_command(vocab_size, instruct, data_dir):

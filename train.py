@@ -128,7 +128,6 @@ MODE_DEFAULTS = {  # a fresh run of these modes starts from these settings, unle
     "reward_model": {"batch_size": 32, "learning_rate": 3e-4, "weight_decay": 0.01, "max_iters": 1000,
                      "warmup_iters": 50, "eval_interval": 100},
 }
-LLAMA2_VOCAB = 32000
 
 
 @dataclasses.dataclass
@@ -202,10 +201,9 @@ def resolve_settings(changed):
         elif lora_rank and dropout != args.dropout:
             raise UserError(f"a LoRA run keeps its base model's dropout ({args.dropout}): set --lora_dropout instead")
         if "vocab_source" not in changed:
-            g["vocab_source"] = ckpt.get("config", {}).get(
-                "vocab_source", "llama2" if args.vocab_size == LLAMA2_VOCAB else "custom")
+            g["vocab_source"] = tinystories.vocab_source_of(ckpt, args.vocab_size)
     elif vocab_source == "llama2" and "vocab_size" not in changed:
-        g["vocab_size"] = LLAMA2_VOCAB
+        g["vocab_size"] = tinystories.LLAMA2_VOCAB
     if init_from != "resume":
         start_mode(changed, ckpt)
     check_settings(changed)
@@ -231,8 +229,9 @@ def check_settings(changed):
     """Refuse settings that cannot work, each with one line saying what to change."""
     if vocab_source not in ("custom", "llama2"):
         raise UserError(f"--vocab_source must be custom or llama2, got {vocab_source!r}")
-    if vocab_source == "llama2" and vocab_size != LLAMA2_VOCAB:
-        raise UserError(f"the Llama 2 tokenizer has {LLAMA2_VOCAB} tokens: use --vocab_size={LLAMA2_VOCAB} "
+    llama2_vocab = tinystories.LLAMA2_VOCAB
+    if vocab_source == "llama2" and vocab_size != llama2_vocab:
+        raise UserError(f"the Llama 2 tokenizer has {llama2_vocab} tokens: use --vocab_size={llama2_vocab} "
                         "or --vocab_source=custom")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
@@ -340,22 +339,6 @@ def make_batches(split, rank=0, meta=None):
                                       held_out=val_pairs)
     cls = tinystories.InstructBatches if sft else tinystories.PretrainBatches
     return cls(split, batch_size, max_seq_len, data_vocab(), seed=seed, rank=rank, data_dir=data_dir)
-
-
-def check_tokenizer(meta, ckpt, path):
-    """Refuse to train a checkpoint on data tokenized with another vocabulary."""
-    if meta["vocab_size"] != vocab_size:
-        raise UserError(f"the data in {tinystories.pretok_dir(data_vocab(), sft, data_dir)} has "
-                        f"{meta['vocab_size']} tokens but the model has {vocab_size}")
-    recorded = (ckpt or {}).get("tokenizer") or {}  # llama2.c's checkpoints record none
-    if recorded.get("vocab_size", meta["vocab_size"]) != meta["vocab_size"]:
-        raise UserError(f"{path} was trained with a {recorded['vocab_size']}-token tokenizer but the data uses "
-                        f"{meta['vocab_size']} tokens")
-    if recorded.get("sha256") and meta.get("tokenizer_sha256") and recorded["sha256"] != meta["tokenizer_sha256"]:
-        same = " (the same file, retrained since)" if recorded.get("path") == meta["tokenizer"] else ""
-        raise UserError(f"{path} was trained with the vocabulary of {recorded.get('path')}, but the data was "
-                        f"tokenized with another vocabulary, {meta['tokenizer']}{same}; pretokenize with the "
-                        "checkpoint's tokenizer")
 
 
 # ----------------------------------------------------------------------------- model
@@ -771,7 +754,8 @@ def main(argv=None):
 def run_training(ckpt, ckpt_path, rank, local_world, world_size, dev):
     mode = mode_name()
     meta = read_data_meta(ckpt)
-    check_tokenizer(meta, ckpt, ckpt_path)
+    tinystories.check_tokenizer(meta, (ckpt or {}).get("tokenizer"), vocab_size, ckpt_path,
+                                tinystories.pretok_dir(data_vocab(), uses_instruct_data(), data_dir))
     torch.manual_seed(seed + rank)
     raw_model, base_checkpoint, base_checksum = build_model(ckpt, ckpt_path)
     head = build_head(mode, ckpt, raw_model)

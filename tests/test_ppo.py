@@ -486,7 +486,7 @@ def test_label_refuses_an_out_file_that_is_not_its_answers(story_data, pretraine
                                                                            "--auto=length"))
 
 
-def test_eval_reports_scores_on_held_out_prompts(story_data, pretrained, capsys):
+def test_eval_reports_scores_on_held_out_prompts(story_data, pretrained, capsys, tmp_path):
     ppo.main(["eval", f"--checkpoint={pretrained}", f"--data_dir={story_data}", "--reward=length", "--target_len=20",
               "--num_prompts=6", "--batch_size=4", "--max_new_tokens=16", "--show=2"])
     out = capsys.readouterr().out.splitlines()
@@ -503,3 +503,9 @@ def test_eval_reports_scores_on_held_out_prompts(story_data, pretrained, capsys)
     expected = [all(ppo.uses_word(story, w) for w in p["words"]) for p, (_, story) in zip(prompts, samples)]
     assert result["all_words"] == sum(expected) / 2 and not expected[1]
     assert samples[0][0] == "Write a story."
+    # a model whose vocabulary is not the data's is refused, not fed foreign token ids
+    ckpt["tokenizer"]["sha256"] = "0" * 64
+    other = str(tmp_path / "other_vocab.pt")
+    save_checkpoint(ckpt, other)
+    assert "another vocabulary" in one_error_line(capsys, ppo.main, ["eval", f"--checkpoint={other}",
+                                                                     f"--data_dir={story_data}", "--reward=length"])

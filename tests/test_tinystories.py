@@ -633,3 +633,10 @@ def test_cli_exit_status_without_traceback():
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip() == ("error: unknown subcommand 'frobnicate': use one of download, builtin, "
                                 "train_vocab, pretokenize")
+
+
+def test_a_checkpoint_names_the_vocabulary_of_its_data():
+    assert ts.vocab_source_of({"config": {"vocab_source": "custom"}}, 32000) == "custom"
+    # llama2.c's checkpoints and Hugging Face folders record none: 32000 tokens are Llama 2's, in tok0/
+    assert ts.vocab_source_of({}, 32000) == "llama2"
+    assert ts.vocab_source_of({"config": None}, 512) == "custom"

@@ -841,6 +841,8 @@ def main(argv=None):
         raise UserError("say which model writes the stories: --checkpoint=out-sft/ckpt.pt")
     if max_new_tokens < 1 or batch_size < 1 or num_prompts < 1 or num_pairs < 0:
         raise UserError("--max_new_tokens, --batch_size and --num_prompts must be positive, --num_pairs not negative")
+    if command == "label" and not out:
+        raise UserError("say where the answers go: --out=data/prefs.jsonl")
     from sample import load_tokenizer
     model, ckpt = load_model(checkpoint, merge=True)
     model = frozen(model.to(pick_device(device)))
@@ -853,8 +855,6 @@ def main(argv=None):
                                 model.args.vocab_size, checkpoint, data_folder)
     stops = (tok.bos_id, tok.eos_id)
     if command == "label":
-        if not out:
-            raise UserError("say where the answers go: --out=data/prefs.jsonl")
         stream = PromptStream(kind, "train", 1, data_vocab, start_len, seed, data_dir=data_dir)
         sha = (ckpt.get("tokenizer") or {}).get("sha256")
         auto_reward = make_reward(auto, tok, kind, target_len, stops, model.args.max_seq_len, sha,

@@ -489,7 +489,7 @@ def save_checkpoint(obj, path):
 def read_checkpoint(path, device="cpu"):
     """The checkpoint dict at path, with a clear error for a missing or unreadable file. A Hugging Face Llama
     folder reads as a checkpoint too, so that every script can start from one."""
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         from export import hf_checkpoint  # export.py holds the Hugging Face format, both ways
         return hf_checkpoint(path)
     if os.path.isdir(path):

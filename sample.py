@@ -35,7 +35,8 @@ def load_tokenizer(ckpt, path_override, vocab_size):
     """The checkpoint's tokenizer (or path_override), refused when its vocabulary is not the model's."""
     path = path_override or (ckpt.get("tokenizer") or {}).get("path")
     if not path:
-        raise UserError("the checkpoint records no tokenizer (a llama2.c checkpoint?): pass --tokenizer=PATH.model")
+        raise UserError("the checkpoint records no tokenizer (a llama2.c checkpoint, or a Hugging Face folder without "
+                        "tokenizer.model?): pass --tokenizer=PATH.model")
     tok = Tokenizer(path)
     tok.check_vocab(vocab_size, f"the model of {checkpoint or 'the checkpoint'}")
     return tok

@@ -269,9 +269,9 @@ def read_safetensors(path):
 
 
 def read_hf(folder):
-    """The Llama of a Hugging Face folder (config.json, then *.safetensors or pytorch_model*.bin) as a Transformer
-    with fp32 weights, q and k rows put back in Meta's interleaved rotary order, and its config; write_hf's
-    inverse."""
+    """The Llama of a Hugging Face folder (config.json, then *.safetensors or pytorch_model*.bin) as our state
+    dict of fp32 weights, q and k rows put back in Meta's interleaved rotary order, its ModelArgs and its config;
+    write_hf's inverse."""
     from model import ModelArgs, Transformer
     config = read_json(os.path.join(folder, "config.json"))
     if not isinstance(config, dict):
@@ -318,28 +318,26 @@ def read_hf(folder):
             raise UserError(f"{folder}: {name} has shape {tuple(weights[name].shape)}, but config.json makes it "
                             f"{tuple(shape)}")
         return torch.from_numpy(weights[name])
-    model = Transformer(args).eval()
-    with torch.no_grad():
-        model.tok_embeddings.weight.copy_(weight("model.embed_tokens.weight", model.tok_embeddings.weight.shape))
-        model.norm.weight.copy_(weight("model.norm.weight", model.norm.weight.shape))
-        if not args.tie_embeddings:
-            model.output.weight.copy_(weight("lm_head.weight", model.output.weight.shape))
-        for i, layer in enumerate(model.layers):
-            for ours, theirs in HF_NAMES.items():
-                param = layer.get_parameter(ours + ".weight")
-                w = weight(f"model.layers.{i}.{theirs}.weight", param.shape)
-                if ours in ROTARY_HEADS:
-                    w = rotary_pairs(w, getattr(args, ROTARY_HEADS[ours]))
-                param.copy_(w)
-    return model, config
+    with torch.device("meta"):  # the shapes alone: model_from_checkpoint builds the model, once
+        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    state = {"tok_embeddings.weight": weight("model.embed_tokens.weight", shapes["tok_embeddings.weight"]),
+             "norm.weight": weight("model.norm.weight", shapes["norm.weight"])}
+    if not args.tie_embeddings:
+        state["output.weight"] = weight("lm_head.weight", shapes["output.weight"])
+    for i in range(args.n_layers):
+        for ours, theirs in HF_NAMES.items():
+            key = f"layers.{i}.{ours}.weight"
+            w = weight(f"model.layers.{i}.{theirs}.weight", shapes[key])
+            state[key] = rotary_pairs(w, getattr(args, ROTARY_HEADS[ours])) if ours in ROTARY_HEADS else w
+    return state, args, config
 
 
 def hf_checkpoint(folder):
     """A Hugging Face Llama folder as a checkpoint dict like train.py's, naming the folder's tokenizer.model."""
-    model, config = read_hf(folder)
+    state, args, config = read_hf(folder)
     tok_path = os.path.join(folder, "tokenizer.model")
     tok = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
-    return {"model_args": asdict(model.args), "model": model.state_dict(), "mode": "Hugging Face",
+    return {"model_args": asdict(args), "model": state, "mode": "Hugging Face",
             "tokenizer": tok and {"path": tok_path, "vocab_size": tok.vocab_size, "sha256": tok.vocab_sha256()},
             "eos": config.get("eos_token_id") is not None}  # a Llama that names EOS ends its texts with it
 

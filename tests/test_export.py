@@ -319,14 +319,14 @@ def test_safetensors_reader(tmp_path):
 def test_hf_folder_reads_back_and_exports_the_same_bin(tmp_path, capsys):
     untied = tiny(dim=48, n_heads=6, n_kv_heads=2, tie_embeddings=False)
     export.write_hf(str(tmp_path / "untied"), untied)
-    back, _ = export.read_hf(str(tmp_path / "untied"))
+    back, _ = load_model(str(tmp_path / "untied"))
     assert weights_equal(back, untied) and not torch.equal(back.output.weight, back.tok_embeddings.weight)
     # the same folder with pytorch_model.bin, as older transformers saved it, reads the same
     folder = tmp_path / "bin"
     folder.mkdir()
     (folder / "config.json").write_text((tmp_path / "untied" / "config.json").read_text())
     torch.save(hf_weights(tmp_path / "untied"), folder / "pytorch_model.bin")
-    assert weights_equal(export.read_hf(str(folder))[0], untied)
+    assert weights_equal(load_model(str(folder))[0], untied)
     # through the command line: checkpoint -> folder -> .bin is the .bin of the checkpoint, byte for byte
     tok_path, _ = train_inference_tokenizer(str(tmp_path), "tok", remove_extra_whitespaces=False)
     ckpt = checkpoint(tiny(), tmp_path / "ckpt.pt", eos=True, tokenizer={"path": tok_path, "vocab_size": 400})
@@ -370,7 +370,7 @@ def test_hf_folder_runs_in_transformers(tmp_path):
                                       num_key_value_heads=2, vocab_size=300, max_position_embeddings=64)
     theirs = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
     theirs.save_pretrained(str(tmp_path / "saved"))
-    ours, _ = export.read_hf(str(tmp_path / "saved"))
+    ours, _ = load_model(str(tmp_path / "saved"))
     tokens = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
         assert torch.allclose(ours(tokens)[0], theirs.float()(tokens).logits, atol=1e-4)

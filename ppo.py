@@ -846,13 +846,13 @@ def main(argv=None):
     from sample import load_tokenizer
     model, ckpt = load_model(checkpoint, merge=True)
     model = frozen(model.to(pick_device(device)))
-    tok = load_tokenizer(ckpt, "", model.args.vocab_size)
+    vocab = model.args.vocab_size
+    tok = load_tokenizer(ckpt, "", vocab)
     kind = default_prompts(ckpt) if prompts == "auto" else prompts
-    data_vocab = 0 if tinystories.vocab_source_of(ckpt, model.args.vocab_size) == "llama2" else model.args.vocab_size
+    data_vocab = tinystories.folder_vocab(tinystories.vocab_source_of(ckpt, vocab), vocab)
     instruct = kind == "instruct"
-    data_folder = tinystories.pretok_dir(data_vocab, instruct, data_dir)
-    tinystories.check_tokenizer(tinystories.read_meta(data_vocab, instruct, data_dir), ckpt.get("tokenizer"),
-                                model.args.vocab_size, checkpoint, data_folder)
+    tinystories.check_tokenizer(tinystories.read_meta(data_vocab, instruct, data_dir), ckpt.get("tokenizer"), vocab,
+                                checkpoint, tinystories.pretok_dir(data_vocab, instruct, data_dir))
     stops = (tok.bos_id, tok.eos_id)
     if command == "label":
         stream = PromptStream(kind, "train", 1, data_vocab, start_len, seed, data_dir=data_dir)

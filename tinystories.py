@@ -515,6 +515,11 @@ def vocab_source_of(ckpt, vocab_size):
     return (ckpt.get("config") or {}).get("vocab_source", "llama2" if vocab_size == LLAMA2_VOCAB else "custom")
 
 
+def folder_vocab(vocab_source, vocab_size):
+    """The N of the data folder tok{N}: 0 for Llama 2's tokenizer, else the vocabulary's size."""
+    return 0 if vocab_source == "llama2" else vocab_size
+
+
 def check_tokenizer(meta, recorded, vocab_size, name, folder):
     """Refuse a model (vocab_size, the tokenizer record of its checkpoint, named name) on the data of folder
     (its meta) when the data was tokenized with another vocabulary."""

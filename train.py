@@ -306,7 +306,7 @@ def get_lr(it):
 
 def data_vocab():
     """The vocab_size tinystories uses to name the data folder (0 is the Llama 2 tokenizer)."""
-    return 0 if vocab_source == "llama2" else vocab_size
+    return tinystories.folder_vocab(vocab_source, vocab_size)
 
 
 def uses_instruct_data():

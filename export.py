@@ -19,7 +19,8 @@ Versions 1 and 2 use spare header bytes that llama2.c ignores: uint32 flags at b
 trained with EOS, 2: the tokenizer drops leading, trailing and repeated spaces, 4: it adds no dummy prefix
 space) and float32 norm_eps at byte 68.
 
---hf=True writes a folder that transformers' LlamaForCausalLM.from_pretrained reads instead: config.json,
+--hf=True writes a folder that transformers' LlamaForCausalLM.from_pretrained reads instead: config.json (with
+our "prompts": "instruct" for a model trained on instructions, which PPO, label and eval read back),
 model.safetensors (fp32, HF's parameter names, the q and k rows of each head reordered from Meta's interleaved
 rotary pairs to HF's halves) and the sentencepiece tokenizer.model with a tokenizer_config.json. A folder as
 --checkpoint is read the other way (a Llama with Llama 2's rotary settings; weights in safetensors or
@@ -38,7 +39,7 @@ import torch
 
 from configurator import UserError, atomic_output, cli, configure, read_json
 from model import load_model
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, checkpoint_tokenizer, default_prompts
 
 checkpoint = ""  # the ckpt.pt to export
 version = 0  # 0, 1 or 2, as above
@@ -189,8 +190,10 @@ def rotary_pairs(w, n_heads):
     return w.view(n_heads, 2, -1, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
 
-def write_hf(folder, model, tok=None):
-    """A Hugging Face Llama folder: config.json, model.safetensors and, given tok, its tokenizer files."""
+def write_hf(folder, model, tok=None, prompts="plain"):
+    """A Hugging Face Llama folder: config.json, model.safetensors and, given tok, its tokenizer files.
+
+    config.json also says which prompts the model was trained for ("prompts": "plain" or "instruct")."""
     a, shared = model.args, shares_classifier(model)
     weights = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
     if not shared:
@@ -205,7 +208,7 @@ def write_hf(folder, model, tok=None):
               "intermediate_size": a.hidden_dim, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
               "num_key_value_heads": a.n_kv_heads, "vocab_size": a.vocab_size, "max_position_embeddings": a.max_seq_len,
               "rms_norm_eps": a.norm_eps, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": shared,
-              "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
+              "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32", "prompts": prompts}
     if tok is not None:
         config.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     with atomic_output(os.path.join(folder, "config.json"), "w") as f:
@@ -338,6 +341,7 @@ def hf_checkpoint(folder):
     tok_path = os.path.join(folder, "tokenizer.model")
     tok = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
     return {"model_args": asdict(args), "model": state, "mode": "Hugging Face",
+            "config": {"prompts": config["prompts"]} if "prompts" in config else {},
             "tokenizer": tok and {"path": tok_path, "vocab_size": tok.vocab_size, "sha256": tok.vocab_sha256()},
             "eos": config.get("eos_token_id") is not None}  # a Llama that names EOS ends its texts with it
 
@@ -441,18 +445,6 @@ def export(model, path, file_version=0, eos=False, tok=None, group=0):
     return flags
 
 
-def checkpoint_tokenizer(ckpt, path_override, vocab_size):
-    """The checkpoint's tokenizer (or path_override), checked against the model; None if it is not around."""
-    path = path_override or (ckpt.get("tokenizer") or {}).get("path")
-    if not path:
-        return None
-    if not os.path.isfile(path) and not path_override:
-        return None
-    tok = Tokenizer(path)
-    tok.check_vocab(vocab_size, "the checkpoint's model")
-    return tok
-
-
 @cli
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -470,12 +462,12 @@ def main(argv=None):
     if hf and os.path.isfile(out):
         raise UserError(f"--hf=True writes a folder, and {out} is a file: give a folder name")
     model, ckpt = load_model(checkpoint, merge=True)
-    tok = checkpoint_tokenizer(ckpt, tokenizer, model.args.vocab_size)
+    tok = checkpoint_tokenizer(ckpt, tokenizer, model.args.vocab_size, checkpoint, required=False)
     mode = ckpt.get("mode", "pretrain")
     dropped = {"ppo": " (value head not exported)", "reward_model": " (reward head not exported)"}.get(mode, "")
     n_params = sum(p.numel() for p in model.parameters())
     if hf:
-        write_hf(out, model.float().eval(), tok)
+        write_hf(out, model.float().eval(), tok, default_prompts(ckpt))
         print(f"wrote {out}/: a Hugging Face Llama folder, {mode} model{dropped}, {n_params / 1e6:.2f}M parameters"
               + ("" if tok else " (no tokenizer: the checkpoint's is not available; pass --tokenizer=PATH.model)"))
         if tok is not None and tokenizer_flags(tok) & FLAG_STRIP_SPACES:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 import tinystories
 from configurator import UserError, cli, configure_subcommand, require_file
 from model import load_model, model_from_checkpoint, pick_device, read_checkpoint, without_stop
-from tokenizer import instruct_prompt
+from tokenizer import checkpoint_tokenizer, default_prompts, instruct_prompt
 
 # -----------------------------------------------------------------------------
 # settings of `python ppo.py label|eval` (PPO and the reward model train through train.py)
@@ -106,14 +106,6 @@ def frozen(model):
 
 
 # ----------------------------------------------------------------------------- prompts
-
-def default_prompts(ckpt):
-    """The prompts that suit a checkpoint: instruct for one fine-tuned on instructions, else plain."""
-    if ckpt.get("mode") == "sft":
-        return "instruct"
-    chosen = (ckpt.get("config") or {}).get("prompts")
-    return chosen if chosen in ("plain", "instruct") else "plain"
-
 
 class PromptStream(tinystories.BatchStream):
     """Rollout prompts, batch i depending only on (seed, rank, i), so a resumed run continues the stream.
@@ -843,11 +835,10 @@ def main(argv=None):
         raise UserError("--max_new_tokens, --batch_size and --num_prompts must be positive, --num_pairs not negative")
     if command == "label" and not out:
         raise UserError("say where the answers go: --out=data/prefs.jsonl")
-    from sample import load_tokenizer
     model, ckpt = load_model(checkpoint, merge=True)
     model = frozen(model.to(pick_device(device)))
     vocab = model.args.vocab_size
-    tok = load_tokenizer(ckpt, "", vocab)
+    tok = checkpoint_tokenizer(ckpt, "", vocab, checkpoint)
     kind = default_prompts(ckpt) if prompts == "auto" else prompts
     data_vocab = tinystories.folder_vocab(tinystories.vocab_source_of(ckpt, vocab), vocab)
     instruct = kind == "instruct"

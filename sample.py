@@ -16,7 +16,7 @@ import torch
 
 from configurator import UserError, cli, configure
 from model import AUTOCAST_DTYPES, autocast_context, load_model, pick_device, without_stop
-from tokenizer import Tokenizer, instruct_prompt
+from tokenizer import checkpoint_tokenizer, instruct_prompt
 
 checkpoint = ""  # the ckpt.pt to sample from (or a Hugging Face Llama folder)
 tokenizer = ""  # the sentencepiece .model; default: the one recorded in the checkpoint
@@ -30,16 +30,6 @@ top_p = 0.9  # nucleus sampling; 1.0 = off
 seed = 1337
 device = "cpu"  # cpu | cuda | mps
 dtype = "float32"  # float32 | bfloat16 | float16 (autocast)
-
-def load_tokenizer(ckpt, path_override, vocab_size):
-    """The checkpoint's tokenizer (or path_override), refused when its vocabulary is not the model's."""
-    path = path_override or (ckpt.get("tokenizer") or {}).get("path")
-    if not path:
-        raise UserError("the checkpoint records no tokenizer (a llama2.c checkpoint, or a Hugging Face folder without "
-                        "tokenizer.model?): pass --tokenizer=PATH.model")
-    tok = Tokenizer(path)
-    tok.check_vocab(vocab_size, f"the model of {checkpoint or 'the checkpoint'}")
-    return tok
 
 
 def prompt_text(start_arg):
@@ -88,7 +78,7 @@ def main(argv=None):
     dev = pick_device(device)
     model, ckpt = load_model(checkpoint, merge=True)
     model = model.to(dev).eval()
-    tok = load_tokenizer(ckpt, tokenizer, model.args.vocab_size)
+    tok = checkpoint_tokenizer(ckpt, tokenizer, model.args.vocab_size, checkpoint)
     text = prompt_text(start)
     ctx = autocast_context(dev, dtype)
     for i, out in enumerate(sample(model, tok, text, instruct, num_samples, max_new_tokens, temperature, top_k,

@@ -78,6 +78,21 @@ class Tokenizer:
         return out_path
 
 
+def checkpoint_tokenizer(ckpt, path_override, vocab_size, ckpt_path, required=True):
+    """The tokenizer a checkpoint names (or path_override), refused unless its vocabulary is the model's.
+
+    When not required, None if the checkpoint names none or its file is gone (export.py writes the model anyway)."""
+    path = path_override or (ckpt.get("tokenizer") or {}).get("path")
+    if not required and not path_override and not (path and os.path.isfile(path)):
+        return None
+    if not path:
+        raise UserError("the checkpoint records no tokenizer (a llama2.c checkpoint, or a Hugging Face folder without "
+                        "tokenizer.model?): pass --tokenizer=PATH.model")
+    tok = Tokenizer(path)
+    tok.check_vocab(vocab_size, f"the model of {ckpt_path}")
+    return tok
+
+
 def instruct_prompt(tokenizer, instruction):
     """Tokens of an instruct prompt: the instruction ending in " Possible story:", then BOS.
 
@@ -86,6 +101,15 @@ def instruct_prompt(tokenizer, instruction):
     if not text.endswith(INSTRUCT_SUFFIX.strip()):
         text += INSTRUCT_SUFFIX
     return tokenizer.encode(text, bos=False) + [tokenizer.bos_id]
+
+
+def default_prompts(ckpt):
+    """The prompts that suit a checkpoint: "instruct" for one fine-tuned on instructions (or a run on them), else
+    "plain". A Hugging Face folder that export.py wrote says which in config.json's "prompts"."""
+    if ckpt.get("mode") == "sft":
+        return "instruct"
+    chosen = (ckpt.get("config") or {}).get("prompts")
+    return chosen if chosen in ("plain", "instruct") else "plain"
 
 
 def instruct_example(tokenizer, instruction, story):

@@ -41,7 +41,7 @@ import tinystories
 from configurator import UserError, atomic_output, cli, configure, current_config, remove_dead_temporaries
 from model import ModelArgs, Transformer, apply_lora, autocast_context, lora_state_dict, model_from_checkpoint, \
     pick_device, read_checkpoint, save_checkpoint, weights_checksum
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, default_prompts
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -222,7 +222,7 @@ def start_mode(changed, ckpt):
             raise UserError(f"--{mode}=True starts from a trained model: give its checkpoint with "
                             "--init_from=path/to/ckpt.pt")
         if prompts == "auto":
-            g["prompts"] = rlhf.default_prompts(ckpt)
+            g["prompts"] = default_prompts(ckpt)
 
 
 def check_settings(changed):

@@ -10,8 +10,8 @@ import export
 from configurator import UserError
 from conftest import train_inference_tokenizer
 from model import (LoRALinear, ModelArgs, Transformer, apply_lora, apply_rope, load_model, lora_state_dict,
-                   rope_tables, save_checkpoint)
-from tokenizer import Tokenizer
+                   read_checkpoint, rope_tables, save_checkpoint)
+from tokenizer import Tokenizer, default_prompts
 
 
 def tiny(**kw):
@@ -230,7 +230,7 @@ def test_header_records_eos_and_tokenizer_space_handling(tmp_path, capsys):
     ckpt = checkpoint(small, tmp_path / "ckpt.pt", tokenizer={"path": strip_model, "vocab_size": 400})
     with pytest.raises(SystemExit):
         export.main([str(tmp_path / "bad.bin"), f"--checkpoint={ckpt}"])
-    assert "has 400 tokens but the checkpoint's model has 300" in capsys.readouterr().err
+    assert f"has 400 tokens but the model of {ckpt} has 300" in capsys.readouterr().err
     assert Tokenizer(strip_model).vocab_size == 400
 
 
@@ -334,6 +334,18 @@ def test_hf_folder_reads_back_and_exports_the_same_bin(tmp_path, capsys):
     export.main([str(tmp_path / "direct.bin"), f"--checkpoint={ckpt}", "--version=1"])
     export.main([str(tmp_path / "via_hf.bin"), f"--checkpoint={tmp_path / 'hf'}", "--version=1"])
     assert open(tmp_path / "via_hf.bin", "rb").read() == open(tmp_path / "direct.bin", "rb").read()
+
+
+def test_hf_folder_keeps_the_prompts_its_model_was_trained_for(tmp_path):
+    for mode, prompts in [("sft", "instruct"), ("pretrain", "plain")]:
+        folder = tmp_path / mode
+        export.main([str(folder), f"--checkpoint={checkpoint(tiny(), tmp_path / f'{mode}.pt', mode=mode)}",
+                     "--hf=True"])
+        assert default_prompts(read_checkpoint(str(folder))) == prompts
+    # a folder from elsewhere names no prompts: story starts
+    config_path = tmp_path / "sft" / "config.json"
+    config_path.write_text(json.dumps({k: v for k, v in json.loads(config_path.read_text()).items() if k != "prompts"}))
+    assert default_prompts(read_checkpoint(str(tmp_path / "sft"))) == "plain"
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -1004,7 +1004,9 @@ static int sample_mult(const float *probs, int n, float coin) {
 
 static int sample(Sampler *s, float *logits, int n) {
     if (s->temperature == 0.0f) return argmax(logits, n);
-    for (int i = 0; i < n; i++) logits[i] /= s->temperature;
+    /* shifted so the largest is 0 first: divided by a tiny temperature, logits would overflow to inf and NaN */
+    float top = max_of(logits, n);
+    for (int i = 0; i < n; i++) logits[i] = (logits[i] - top) / s->temperature;
     softmax(logits, n);
     float coin = random_f32(&s->rng);
     if (s->topp > 0.0f && s->topp < 1.0f) return sample_topp(logits, n, s->topp, s, coin);

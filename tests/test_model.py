@@ -193,6 +193,9 @@ def test_top_k_and_top_p_never_leave_the_allowed_set():
         tp = sample_next(logits, 1.0, top_p=0.6, generator=g)
         assert all(tp[b] in order[b][keep[b]] for b in range(4))
     assert torch.equal(sample_next(logits, 0.0), logits.argmax(-1))
+    # a temperature so small that logits / temperature overflows still means greedy, not NaN
+    for tiny_t in (1e-38, 1e-45):
+        assert torch.equal(sample_next(logits * 1e3, tiny_t, generator=g), logits.argmax(-1))
 
 
 def test_sampling_draws_each_token_at_its_probability():

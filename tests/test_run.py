@@ -295,6 +295,10 @@ def test_sampling_seed_and_nucleus(binaries, inference_models, exported, tmp_pat
     assert r.returncode == 0, r.stderr
     for step_logits, token in zip(*read_log(log, tok.vocab_size)[3:1:-1]):
         assert token in top_p_set(step_logits, 1.0, 0.9)[0]
+    # a temperature so small that logits / temperature overflows still means greedy, not uniform draws
+    texts = [run_c(binaries["runomp"][0], exported["trained", 1], "-z", inference_models["tokenizer_bin"],
+                   "-t", t, "-s", 5, "-n", "60").stdout for t in ("0", "1e-38", "1e-45")]
+    assert texts[0] == texts[1] == texts[2]
 
 
 def test_chat_mode_with_long_prompts_and_turns(binaries, inference_models, exported):

@@ -74,6 +74,13 @@ def atomic_output(path, mode="wb"):
             os.remove(tmp)
 
 
+def refuse_overwriting(out_path, in_path, flag):
+    """Refuse an output that is the very file (or folder) being read: writing it would destroy the input."""
+    if out_path and in_path and os.path.exists(out_path) and os.path.exists(in_path) \
+            and os.path.samefile(out_path, in_path):
+        raise UserError(f"{out_path} is the {flag} being read; write the output somewhere else")
+
+
 def read_json(path):
     """The value in a JSON file, or None when the file is missing or does not parse (a state file to rebuild)."""
     try:

@@ -37,7 +37,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from configurator import UserError, atomic_output, cli, configure, read_json
+from configurator import UserError, atomic_output, cli, configure, read_json, refuse_overwriting
 from model import load_model
 from tokenizer import Tokenizer, checkpoint_tokenizer, default_prompts
 
@@ -461,7 +461,9 @@ def main(argv=None):
         raise UserError(f"--version must be one of {sorted(WRITERS)}, got {version}")
     if hf and os.path.isfile(out):
         raise UserError(f"--hf=True writes a folder, and {out} is a file: give a folder name")
+    refuse_overwriting(out, checkpoint, "--checkpoint")
     model, ckpt = load_model(checkpoint, merge=True)
+    refuse_overwriting(out, ckpt.get("base_checkpoint"), "LoRA base checkpoint")
     tok = checkpoint_tokenizer(ckpt, tokenizer, model.args.vocab_size, checkpoint, required=False)
     mode = ckpt.get("mode", "pretrain")
     dropped = {"ppo": " (value head not exported)", "reward_model": " (reward head not exported)"}.get(mode, "")

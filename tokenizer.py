@@ -9,7 +9,7 @@ import struct
 import numpy as np
 from sentencepiece import SentencePieceProcessor
 
-from configurator import UserError, atomic_output, cli, configure, require_file
+from configurator import UserError, atomic_output, cli, configure, refuse_overwriting, require_file
 
 INSTRUCT_SUFFIX = " Possible story:"
 
@@ -60,6 +60,7 @@ class Tokenizer:
     def export(self, out_path=None):
         """Write llama2.c's tokenizer .bin: max token length, then per token score, length and bytes."""
         out_path = out_path or os.path.splitext(self.model_path)[0] + ".bin"
+        refuse_overwriting(out_path, self.model_path, "tokenizer model")
         pieces, scores = [], np.zeros(self.vocab_size, dtype=np.float32)
         for i in range(self.vocab_size):
             if i == self.bos_id:
@@ -88,6 +89,9 @@ def checkpoint_tokenizer(ckpt, path_override, vocab_size, ckpt_path, required=Tr
     if not path:
         raise UserError("the checkpoint records no tokenizer (a llama2.c checkpoint, or a Hugging Face folder without "
                         "tokenizer.model?): pass --tokenizer=PATH.model")
+    if not path_override and not os.path.isfile(path):
+        raise UserError(f"{ckpt_path} was trained with tokenizer {path}, which is not there (moved, or a relative "
+                        "path from another directory?): pass --tokenizer=PATH.model")
     tok = Tokenizer(path)
     tok.check_vocab(vocab_size, f"the model of {ckpt_path}")
     return tok

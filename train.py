@@ -38,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ppo as rlhf
 import tinystories
-from configurator import UserError, atomic_output, cli, configure, current_config, remove_dead_temporaries
+from configurator import UserError, atomic_output, cli, configure, current_config, refuse_overwriting, \
+    remove_dead_temporaries
 from model import ModelArgs, Transformer, apply_lora, autocast_context, lora_state_dict, model_from_checkpoint, \
     pick_device, read_checkpoint, save_checkpoint, weights_checksum
 from tokenizer import Tokenizer, default_prompts
@@ -243,6 +244,9 @@ def check_settings(changed):
         raise UserError("--max_iters and --warmup_iters must not be negative")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir={out_dir} is a file; give a directory for checkpoints and metrics")
+    if init_from not in ("scratch", "resume"):  # a fresh run writes ckpt.pt and best.pt in out_dir
+        for name in ("ckpt.pt", "best.pt"):
+            refuse_overwriting(os.path.join(out_dir, name), init_from, "--init_from")
     if vocab_size <= 0:
         raise UserError(f"--vocab_size must be positive, got {vocab_size}")
     if min(learning_rate, min_lr, weight_decay, grad_clip) < 0:
@@ -510,7 +514,7 @@ def checkpoint(run, rng):
         "scaler": run.scaler.state_dict(),
         "rng": rng,
         "data_state": run.batches.state_dict(),
-        "tokenizer": {"path": run.meta["tokenizer"], "vocab_size": run.meta["vocab_size"],
+        "tokenizer": {"path": os.path.abspath(run.meta["tokenizer"]), "vocab_size": run.meta["vocab_size"],
                       "sha256": run.meta.get("tokenizer_sha256")},
         "eos": bool(run.meta.get("eos", False)),
         "lora": lora,

@@ -164,16 +164,19 @@ def test_cli_exports_every_version(tmp_path, capsys):
     (["a.bin", "--checkpoint=CKPT", "--version=2", "--group_size=48"], "must divide"),
     (["a.bin", "--checkpoint=CKPT", "--versoin=1"], "did you mean --version"),
     (["CKPT", "--checkpoint=CKPT", "--hf=True"], "writes a folder"),
+    (["CKPT", "--checkpoint=CKPT", "--version=1"], "is the --checkpoint being read"),
+    (["./ckpt.pt", "--checkpoint=CKPT"], "is the --checkpoint being read"),
 ])
 def test_bad_arguments_are_clear_errors(tmp_path, capsys, argv, message, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ckpt = checkpoint(tiny(), tmp_path / "ckpt.pt")
+    before = open(ckpt, "rb").read()
     with pytest.raises(SystemExit) as e:
         export.main([a.replace("CKPT", ckpt) for a in argv])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-    assert not os.path.exists(tmp_path / "a.bin")
+    assert not os.path.exists(tmp_path / "a.bin") and open(ckpt, "rb").read() == before
 
 
 def test_v0_refuses_a_norm_eps_it_cannot_record(tmp_path):

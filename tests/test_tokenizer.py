@@ -94,6 +94,17 @@ def test_an_output_path_that_cannot_be_written_is_one_line(small_vocab, tmp_path
     assert len(r.stderr.strip().splitlines()) == 1 and "a_file" in r.stderr
 
 
+def test_the_model_itself_is_never_the_output(small_vocab, tmp_path):
+    before = open(small_vocab, "rb").read()
+    with pytest.raises(UserError, match="is the tokenizer model being read"):
+        Tokenizer(small_vocab).export(small_vocab)
+    named_bin = tmp_path / "tok.bin"  # a .model saved as .bin: its default output would be itself
+    named_bin.write_bytes(before)
+    with pytest.raises(UserError, match="is the tokenizer model being read"):
+        Tokenizer(str(named_bin)).export()
+    assert open(small_vocab, "rb").read() == before == named_bin.read_bytes()
+
+
 def test_vocab_mismatch_is_an_error(small_vocab):
     with pytest.raises(UserError, match="400 tokens but the model has 512"):
         Tokenizer(small_vocab).check_vocab(512)

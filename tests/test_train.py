@@ -68,7 +68,7 @@ def test_pretraining_loss_falls_and_checkpoint_holds_the_contract(pretrained, st
     ckpt = read_checkpoint(os.path.join(pretrained, "ckpt.pt"))
     assert CONTRACT <= set(ckpt)
     assert ckpt["mode"] == "pretrain" and ckpt["iter_num"] == 200 and ckpt["lora"] is None
-    assert ckpt["tokenizer"]["path"] == tinystories.tokenizer_path(512, story_data)
+    assert ckpt["tokenizer"]["path"] == os.path.abspath(tinystories.tokenizer_path(512, story_data))
     assert ckpt["tokenizer"]["vocab_size"] == 512 and ckpt["eos"] is False
     assert ckpt["config"]["max_iters"] == 200 and ckpt["config"]["dim"] == 32
     assert ckpt["data_state"] == {"next_batch": 200}
@@ -374,6 +374,13 @@ def test_bad_input_is_one_line_and_exit_2(story_data, pretrained, tmp_path, caps
     assert "--lora_rank=8" in one_error_line(capsys, [*data, f"--init_from={pretrained}/ckpt.pt",
                                                        "--lora_alpha=8"])
     assert "--init_from" in one_error_line(capsys, [*data, "--lora_rank=4"])
+    # fine-tuning into the folder of its own checkpoint would write over it (and a LoRA run's base)
+    for name in ("ckpt.pt", "best.pt"):
+        before = open(os.path.join(pretrained, name), "rb").read()
+        assert "is the --init_from being read" in one_error_line(
+            capsys, [f"--data_dir={story_data}", f"--out_dir={pretrained}", f"--init_from={pretrained}/{name}",
+                     "--sft=True", "--lora_rank=4"])
+        assert open(os.path.join(pretrained, name), "rb").read() == before
     # memory, refused before anything is allocated
     line = one_error_line(capsys, [*data, "--batch_size=1000000", "--max_seq_len=512"])
     assert "GiB" in line and "--batch_size" in line

@@ -32,13 +32,18 @@ device = "cpu"  # cpu | cuda | mps
 dtype = "float32"  # float32 | bfloat16 | float16 (autocast)
 
 
+SAMPLES_PER_BATCH = 64  # rows generated together; more samples come batch after batch
+
+
 def prompt_text(start_arg):
     """The start text, read from a file for FILE:path."""
     if not start_arg.startswith("FILE:"):
         return start_arg
     path = start_arg[len("FILE:"):]
     if not os.path.isfile(path):
-        raise UserError(f"--start=FILE:{path}: {'a directory, not a file' if os.path.isdir(path) else 'no such file'}")
+        what = ("a directory" if os.path.isdir(path) else "not a regular file" if os.path.exists(path)
+                else "no such file")
+        raise UserError(f"--start=FILE:{path}: {what}; give a text file")
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
@@ -48,18 +53,24 @@ def prompt_text(start_arg):
 
 def sample(model, tok, text, as_instruction=False, n=1, new_tokens=256, temp=1.0, k=0, p=0.9, rng_seed=1337,
            ctx=nullcontext()):
-    """Decoded samples of text's continuation (of the story only, for an instruction), ended at BOS or EOS."""
+    """Yield n decoded samples of text's continuation (of the story only, for an instruction), ended at BOS or EOS."""
+    if as_instruction and not text.strip():
+        raise UserError('the instruction is empty: say what story to write, e.g. --start="Write a story about a dog."')
     prompt = instruct_prompt(tok, text) if as_instruction else tok.encode(text, bos=True)
     stops = (tok.bos_id, tok.eos_id)
     context = model.args.max_seq_len
     if len(prompt) + new_tokens > context and len(prompt) < context:
         print(f"note: the model's context is {context} tokens, so samples stop after {context - len(prompt)} new "
               f"tokens, not {new_tokens}", file=sys.stderr)
-    with ctx:
-        rows = model.generate([prompt] * n, new_tokens, temperature=temp, top_k=k or None,
-                              top_p=p if 0.0 < p < 1.0 else None, stop_tokens=stops, seed=rng_seed)
-    rows = [without_stop(row, stops) for row in rows]
-    return [tok.decode(row) if as_instruction else tok.decode(prompt + row) for row in rows]
+    generator = torch.Generator(device=model.rope_cos.device).manual_seed(rng_seed)
+    for first in range(0, n, SAMPLES_PER_BATCH):
+        with ctx:
+            rows = model.generate([prompt] * min(SAMPLES_PER_BATCH, n - first), new_tokens, temperature=temp,
+                                  top_k=k or None, top_p=p if 0.0 < p < 1.0 else None, stop_tokens=stops,
+                                  generator=generator)
+        for row in rows:
+            row = without_stop(row, stops)
+            yield tok.decode(row) if as_instruction else tok.decode(prompt + row)
 
 
 @cli
@@ -72,7 +83,7 @@ def main(argv=None):
     for name, value, ok in (("num_samples", num_samples, num_samples >= 1),
                             ("max_new_tokens", max_new_tokens, max_new_tokens >= 1),
                             ("temperature", temperature, temperature >= 0.0), ("top_k", top_k, top_k >= 0),
-                            ("top_p", top_p, 0.0 <= top_p <= 1.0)):
+                            ("top_p", top_p, 0.0 <= top_p <= 1.0), ("seed", seed, 0 <= seed < 2 ** 63)):
         if not ok:
             raise UserError(f"--{name}={value} is out of range")
     dev = pick_device(device)
@@ -83,7 +94,7 @@ def main(argv=None):
     ctx = autocast_context(dev, dtype)
     for i, out in enumerate(sample(model, tok, text, instruct, num_samples, max_new_tokens, temperature, top_k,
                                    top_p, seed, ctx)):
-        print(out)
+        print(out, flush=True)
         if i + 1 < num_samples:
             print("---------------")
 

@@ -436,8 +436,9 @@ def pretokenize(vocab_size, tokenizer_model="", eos=False, instruct=False, promp
     dtype = _dtype_for(tok.vocab_size)
     out_dir = pretok_dir(vocab_size, instruct, data_dir)
     os.makedirs(out_dir, exist_ok=True)
-    meta = {"vocab_size": tok.vocab_size, "tokenizer": model_path, "tokenizer_sha256": tok.vocab_sha256(),
-            "eos": bool(eos or instruct), "instruct": bool(instruct),
+    # absolute, so that train.py, and the checkpoints it writes, find the tokenizer from any working directory
+    meta = {"vocab_size": tok.vocab_size, "tokenizer": os.path.abspath(model_path),
+            "tokenizer_sha256": tok.vocab_sha256(), "eos": bool(eos or instruct), "instruct": bool(instruct),
             "prompt_style": prompt_style if instruct else None, "dtype": np.dtype(dtype).name,
             "bos_id": tok.bos_id, "eos_id": tok.eos_id}
     old = {}

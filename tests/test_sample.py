@@ -36,7 +36,7 @@ def test_instruct_prints_the_story_only(inference_models, tmp_path, capsys):
         assert out == INFERENCE_STORY + "\n"
 
 
-def test_samples_follow_the_seed(inference_models, capsys):
+def test_samples_follow_the_seed(inference_models, capsys, monkeypatch):
     args = [f"--checkpoint={inference_models['random']}", "--max_new_tokens=30", "--num_samples=3",
             "--temperature=1.0", "--top_k=50", "--top_p=0.95"]
     first = run(capsys, *args, "--seed=1")
@@ -45,6 +45,11 @@ def test_samples_follow_the_seed(inference_models, capsys):
     samples = first.rstrip("\n").split("\n---------------\n")
     assert len(samples) == 3 and len(set(samples)) == 3
     assert all(s.startswith("Once upon a time") for s in samples)
+    # more samples than one batch: the first batch is what a run of that many gives, later batches draw new ones
+    two = run(capsys, *args, "--seed=1", "--num_samples=2").rstrip("\n").split("\n---------------\n")
+    monkeypatch.setattr(sample, "SAMPLES_PER_BATCH", 2)
+    batched = run(capsys, *args, "--seed=1", "--num_samples=5").rstrip("\n").split("\n---------------\n")
+    assert batched[:2] == two and len(set(batched)) == 5
 
 
 def test_lora_checkpoint_samples_like_its_merged_model(inference_models, tmp_path, capsys):
@@ -102,11 +107,21 @@ def test_tokenizer_comes_from_the_checkpoint_or_the_flag(inference_models, tmp_p
     out = run(capsys, f"--checkpoint={path}", f"--tokenizer={inference_models['tokenizer']}", "--temperature=0",
               "--max_new_tokens=10")
     assert out.startswith("Once upon a time")
+    # a recorded tokenizer that is not there (moved) is named, with the way out
+    ckpt["tokenizer"] = {"path": str(tmp_path / "moved.model"), "vocab_size": 512}
+    save_checkpoint(ckpt, path)
+    with pytest.raises(SystemExit) as e:
+        sample.main([f"--checkpoint={path}"])
+    assert e.value.code == 2 and "moved.model, which is not there" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, message", [
     ("--tokenizer=SHARED/llama2-tokenizer.model", "has 32000 tokens but the model"),
     ("--start=FILE:/nonexistent/prompt.txt", "no such file"),
+    ("--start=FILE:/dev/null", "not a regular file"),
+    ("--seed=18446744073709551616", "--seed=18446744073709551616 is out of range"),
+    ("--seed=-1", "out of range"),
+    ("--start=   |--instruct=True", "the instruction is empty"),
     ("--start=FILE:LATIN1", "is not UTF-8 text"),
     ("--temperature=-1.0", "out of range"),
     ("--top_p=1.5", "out of range"),
@@ -121,7 +136,7 @@ def test_bad_settings_are_clear_errors(inference_models, shared_data, tmp_path, 
     latin1.write_bytes("Caf\u00e9 story".encode("latin-1"))
     with pytest.raises(SystemExit) as e:
         sample.main([f"--checkpoint={inference_models['trained']}",
-                     flag.replace("SHARED", shared_data).replace("LATIN1", str(latin1))])
+                     *[f.replace("SHARED", shared_data).replace("LATIN1", str(latin1)) for f in flag.split("|")]])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err
 

@@ -311,7 +311,7 @@ def test_plain_shards_are_llama2c_layout(data, tok):
     assert meta["vocab_size"] == VOCAB and meta["dtype"] == "uint16" and meta["eos"] is False
     n = corpus_settings(data)["num_shards"]
     assert meta["num_shards"] == n and [e["name"] for e in meta["shards"]] == [f"data{i:02d}" for i in range(n)]
-    assert meta["tokenizer"] == ts.tokenizer_path(VOCAB, data) and (meta["bos_id"], meta["eos_id"]) == (1, 2)
+    assert meta["tokenizer"] == os.path.abspath(ts.tokenizer_path(VOCAB, data)) and (meta["bos_id"], meta["eos_id"]) == (1, 2)
     for i in range(n):
         path = os.path.join(ts.pretok_dir(VOCAB, data_dir=data), f"data{i:02d}.bin")
         expected = [t for r in records(data, i) for t in tok.encode(r["story"].strip(), bos=True)]
@@ -359,7 +359,7 @@ def test_pretokenize_llama2_tokenizer_into_tok0(shared_data, data, tmp_path):
     model = os.path.join(shared_data, "llama2-tokenizer.model")
     ts.pretokenize(0, tokenizer_model=model, eos=True, data_dir=d)
     meta = ts.read_meta(0, data_dir=d)
-    assert meta["vocab_size"] == 32000 and meta["tokenizer"] == model and meta["eos"] is True
+    assert meta["vocab_size"] == 32000 and meta["tokenizer"] == os.path.abspath(model) and meta["eos"] is True
     shard = ts.load_shard(0, 2, data_dir=d)
     ref = Tokenizer(model)
     assert np.array_equal(shard, [t for r in records(d, 2) for t in ref.encode(r["story"].strip(), eos=True)])

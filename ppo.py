@@ -101,6 +101,13 @@ class TransformerWithHead(nn.Module):
                 self.head(h).squeeze(-1).float() if self.head is not None else None)
 
 
+def refuse_reward_model_policy(ckpt, path):
+    """A reward model's transformer was trained to score stories, not to write them: no policy."""
+    if ckpt.get("mode") == "reward_model":
+        raise UserError(f"{path} is a reward model, which scores stories but does not write them: give the "
+                        "language model (pretrained or SFT) here, and the reward model as --reward=model:PATH")
+
+
 def frozen(model):
     return model.eval().requires_grad_(False)
 
@@ -112,14 +119,17 @@ class PromptStream(tinystories.BatchStream):
 
     kind "plain": BOS + 1..start_len tokens of a story of the pretraining shards; "instruct": an instruct prompt
     (instruction, then BOS) with the words it asks for. Split "train" = shards 1.., "val" = shard 0. Each prompt
-    is {"tokens", "words" (None for plain), "instruction" (None for plain)}."""
+    is {"tokens", "words" (None for plain), "instruction" (None for plain)}. max_len: the model's context."""
 
     def __init__(self, kind, split, batch_size, vocab_size, start_len=30, seed=0, rank=0,
-                 data_dir=tinystories.DATA_DIR):
+                 data_dir=tinystories.DATA_DIR, max_len=None):
         if kind not in ("plain", "instruct"):
             raise UserError(f"--prompts must be plain or instruct, got {kind!r}")
         if start_len < 1:
             raise UserError(f"--start_len must be at least 1, got {start_len}")
+        if kind == "plain" and max_len and start_len + 1 >= max_len:
+            raise UserError(f"--start_len={start_len} leaves no room for a story in the model's context of {max_len} "
+                            f"tokens: use --start_len={min(30, max_len // 2)}")
         self.kind, self.start_len = kind, start_len
         if kind == "instruct":
             self.examples = [{"tokens": e["prompt"], "words": e["words"], "instruction": e["instruction"]}
@@ -319,16 +329,19 @@ def last_token_scores(model, sequences, batch_size=64, ctx=nullcontext()):
 
 
 def make_reward(spec, tok, prompts_kind, target=200, stop_tokens=(), max_len=None, tokenizer_sha256=None,
-                ctx=nullcontext(), flag="reward"):
+                ctx=nullcontext(), flag="reward", prompt_style="default"):
     """A function scoring rollouts by a reward spec: (prompts, responses) -> (scores (N,), {term: mean}).
 
     max_len: the longest query + response; tokenizer_sha256: the policy's tokenizer, checked against a reward
-    model's; flag: the setting the spec came from, named in errors."""
+    model's; flag: the setting the spec came from, named in errors; prompt_style: the instruct data's."""
     terms = []
     for weight, name in parse_reward(spec, flag):
         if name == "words" and prompts_kind != "instruct":
-            raise UserError("--reward=words needs instruct prompts, which say the words to use: fine-tune on "
+            raise UserError(f"--{flag}=words needs instruct prompts, which say the words to use: fine-tune on "
                             "instructions (train.py --sft=True) and use --prompts=instruct")
+        if name == "words" and prompt_style == "summary":
+            raise UserError(f"--{flag}=words needs instructions that name the words, and this data's are summaries: "
+                            "pretokenize it with --instruct=True and the default --prompt_style")
         model = None
         if name.startswith("model:"):
             model = load_reward_model(name[len("model:"):], tok, prompts_kind, max_len, tokenizer_sha256)
@@ -595,17 +608,42 @@ def read_preferences(path, tok, max_len):
     """The pairs of a JSONL preference file: [{"chosen", "rejected": prompt + story tokens, "tie": bool}].
 
     Skipped answers are left out; a line that is not a preference is an error naming the line."""
-    require_file(path, "preference file", f"label pairs with python ppo.py label --checkpoint=... --out={path}")
-    pairs = []
-    for n, row in json_lines(path):
-        if not isinstance(row, dict):
-            raise UserError(f"{path} line {n} is not a JSON object with prompt, chosen and rejected")
-        if not row.get("skipped"):
-            pairs.append(pair_tokens(row, tok, f"{path} line {n}", max_len))
+    pairs = [pair_tokens(row, tok, where, max_len) for where, row in preference_rows(path)]
     if not pairs:
         raise UserError(f"{path} holds no preference pairs: label some with python ppo.py label "
                         f"--checkpoint=... --out={path}")
     return pairs
+
+
+def preference_prompts(path, bos_id, asked="auto"):
+    """The prompts a preference file's stories answer: "plain" when its prompts are story starts (recorded tokens
+    starting with BOS), else "instruct" (the instruct layout; every row given as text). One kind per file; a
+    --prompts that is not "auto" must agree with it."""
+    kinds = {"plain" if has_tokens(row) and row["prompt_tokens"][:1] == [bos_id] else "instruct"
+             for _, row in preference_rows(path)}
+    if len(kinds) > 1:
+        raise UserError(f"{path} mixes stories for plain prompts (story starts) with stories for instructions; a "
+                        "reward model learns one kind: keep the pairs of one")
+    kind = kinds.pop() if kinds else "instruct"
+    if asked not in ("auto", kind):
+        raise UserError(f"--prompts={asked} but the pairs of {path} answer {kind} prompts; leave --prompts out")
+    return kind
+
+
+def preference_rows(path):
+    """(where, row) of each answer of a preference file that is not a skip; where names the line for errors."""
+    require_file(path, "preference file", f"label pairs with python ppo.py label --checkpoint=... --out={path}")
+    for n, row in json_lines(path):
+        if not isinstance(row, dict):
+            raise UserError(f"{path} line {n} is not a JSON object with prompt, chosen and rejected")
+        if not isinstance(row.get("skipped", False), bool):
+            raise UserError(f"{path} line {n}: \"skipped\" must be true or false, got {row['skipped']!r}")
+        if not row.get("skipped"):
+            yield f"{path} line {n}", row
+
+
+def has_tokens(row):
+    return all(isinstance(row.get(f"{k}_tokens"), list) for k in ("prompt", "chosen", "rejected"))
 
 
 def json_lines(path):
@@ -624,11 +662,13 @@ def json_lines(path):
 def pair_tokens(row, tok, where, max_len):
     """A preference row's chosen and rejected sequences: its recorded tokens, else its texts in the instruct layout."""
     keys = ("prompt", "chosen", "rejected")
-    if all(isinstance(row.get(f"{k}_tokens"), list) for k in keys):
+    if has_tokens(row):
         prompt, chosen, rejected = (row[f"{k}_tokens"] for k in keys)
-        if not all(isinstance(t, int) and 0 <= t < tok.vocab_size for t in prompt + chosen + rejected):
+        if not all(type(t) is int and 0 <= t < tok.vocab_size for t in prompt + chosen + rejected):  # no bools
             raise UserError(f"{where}: its tokens are not all ids of the {tok.vocab_size}-token vocabulary")
     elif all(isinstance(row.get(k), str) for k in keys):
+        if not all(row[k].strip() for k in keys):
+            raise UserError(f"{where}: an empty prompt or story")
         prompt = instruct_prompt(tok, row["prompt"])
         chosen, rejected = (tok.encode(row[k], bos=False, eos=True) for k in ("chosen", "rejected"))
     else:
@@ -646,8 +686,8 @@ def pair_tokens(row, tok, where, max_len):
 
 def split_pairs(pairs, val_fraction, path="the preference file"):
     """(train, val): every round(1 / val_fraction)-th pair is held out."""
-    if not 0 < val_fraction < 1:
-        raise UserError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
+    if not 0 < val_fraction <= 0.5:
+        raise UserError(f"--val_fraction must be above 0 and at most 0.5 (every other pair), got {val_fraction}")
     every = max(2, round(1 / val_fraction))
     train, val = [p for i, p in enumerate(pairs) if i % every], pairs[::every]
     if not train:
@@ -836,20 +876,23 @@ def main(argv=None):
     if command == "label" and not out:
         raise UserError("say where the answers go: --out=data/prefs.jsonl")
     model, ckpt = load_model(checkpoint, merge=True)
+    refuse_reward_model_policy(ckpt, checkpoint)
     model = frozen(model.to(pick_device(device)))
     vocab = model.args.vocab_size
     tok = checkpoint_tokenizer(ckpt, "", vocab, checkpoint)
     kind = default_prompts(ckpt) if prompts == "auto" else prompts
     data_vocab = tinystories.folder_vocab(tinystories.vocab_source_of(ckpt, vocab), vocab)
     instruct = kind == "instruct"
-    tinystories.check_tokenizer(tinystories.read_meta(data_vocab, instruct, data_dir), ckpt.get("tokenizer"), vocab,
-                                checkpoint, tinystories.pretok_dir(data_vocab, instruct, data_dir))
+    meta = tinystories.read_meta(data_vocab, instruct, data_dir)
+    tinystories.check_tokenizer(meta, ckpt.get("tokenizer"), vocab, checkpoint,
+                                tinystories.pretok_dir(data_vocab, instruct, data_dir))
     stops = (tok.bos_id, tok.eos_id)
     if command == "label":
-        stream = PromptStream(kind, "train", 1, data_vocab, start_len, seed, data_dir=data_dir)
+        stream = PromptStream(kind, "train", 1, data_vocab, start_len, seed, data_dir=data_dir,
+                              max_len=model.args.max_seq_len)
         sha = (ckpt.get("tokenizer") or {}).get("sha256")
-        auto_reward = make_reward(auto, tok, kind, target_len, stops, model.args.max_seq_len, sha,
-                                  flag="auto") if auto else None
+        auto_reward = make_reward(auto, tok, kind, target_len, stops, model.args.max_seq_len, sha, flag="auto",
+                                  prompt_style=meta.get("prompt_style")) if auto else None
         if not auto:
             print(f"labelling {out}: for each pair, say which story is better (answers are saved at once)")
         written = label(model, tok, stream, out, max_new_tokens, stops, num_pairs, auto_reward, seed,
@@ -857,8 +900,9 @@ def main(argv=None):
         print(f"{written} answer(s) appended to {out}; it now reaches pair {answered(out)}")
         return
     score = make_reward(reward, tok, kind, target_len, stops, model.args.max_seq_len,
-                        (ckpt.get("tokenizer") or {}).get("sha256"))
-    stream = PromptStream(kind, "val", batch_size, data_vocab, start_len, seed, data_dir=data_dir)
+                        (ckpt.get("tokenizer") or {}).get("sha256"), prompt_style=meta.get("prompt_style"))
+    stream = PromptStream(kind, "val", batch_size, data_vocab, start_len, seed, data_dir=data_dir,
+                          max_len=model.args.max_seq_len)
     batches = [next(stream) for _ in range(-(-num_prompts // batch_size))]
     batches[-1] = batches[-1][:num_prompts - batch_size * (len(batches) - 1)]
     result, samples = evaluate_policy(model, tok, batches, score, max_new_tokens, stops, seed)

@@ -90,7 +90,7 @@ lr_decay_iters = None  # None: max_iters
 min_lr = 0.0
 # PPO (ppo.py) and the reward model
 reward = "length"  # PPO: terms joined by +, with weights: length, words, model:PATH (e.g. length+0.5*words)
-prompts = "auto"  # PPO: plain (story starts) | instruct (instructions) | auto: instruct after SFT, else plain
+prompts = "auto"  # plain (story starts) | instruct | auto: PPO instruct after SFT, else plain; RM: its pairs'
 start_len = 30  # plain prompts: BOS + 1..start_len tokens of a story
 target_len = 200  # the length reward's goal for len(query + response)
 max_new_tokens = 300
@@ -170,7 +170,8 @@ def resolve_settings(changed):
     if init_from == "resume":
         path = os.path.join(out_dir, "ckpt.pt")
         if not os.path.isfile(path):
-            raise UserError(f"nothing to resume: {path} does not exist (start with --init_from=scratch)")
+            start = "a trained checkpoint" if mode_name() in ("ppo", "reward_model") else "scratch"
+            raise UserError(f"nothing to resume: {path} does not exist (start with --init_from={start})")
         ckpt = read_checkpoint(path)
         if not {"config", "optimizer", "rng", "data_state"} <= set(ckpt):
             raise UserError(f"{path} lacks the training state to resume (not written by this train.py); "
@@ -222,7 +223,9 @@ def start_mode(changed, ckpt):
         if init_from == "scratch":
             raise UserError(f"--{mode}=True starts from a trained model: give its checkpoint with "
                             "--init_from=path/to/ckpt.pt")
-        if prompts == "auto":
+        if mode == "ppo":
+            rlhf.refuse_reward_model_policy(ckpt, init_from)
+        if prompts == "auto" and mode == "ppo":  # a reward model's come from its preference file
             g["prompts"] = default_prompts(ckpt)
 
 
@@ -244,7 +247,7 @@ def check_settings(changed):
         raise UserError("--max_iters and --warmup_iters must not be negative")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir={out_dir} is a file; give a directory for checkpoints and metrics")
-    if init_from not in ("scratch", "resume"):  # a fresh run writes ckpt.pt and best.pt in out_dir
+    if init_from not in ("scratch", "resume") and not eval_only:  # a fresh run writes ckpt.pt and best.pt here
         for name in ("ckpt.pt", "best.pt"):
             refuse_overwriting(os.path.join(out_dir, name), init_from, "--init_from")
     if vocab_size <= 0:
@@ -288,6 +291,12 @@ def check_ppo_settings():
             raise UserError(f"--{k} must be positive, got {globals()[k]}")
     if kl_control == "adaptive" and kl_target <= 0:
         raise UserError(f"--kl_target must be positive for adaptive KL control, got {kl_target}")
+    steps = rollouts * int(os.environ.get("WORLD_SIZE", 1))  # the adaptive update moves by up to 20% x steps/horizon
+    if kl_control == "adaptive" and 5 * kl_horizon <= steps:
+        raise UserError(f"--kl_horizon={kl_horizon} is too short for {steps} rollouts per iteration: the KL "
+                        f"coefficient could fall to zero or below; use --kl_horizon={steps // 5 + 1} or more")
+    if not (0 <= gamma <= 1 and 0 <= lam <= 1):
+        raise UserError(f"--gamma and --lam must be between 0 and 1, got {gamma} and {lam}")
     if init_kl_coef < 0 or cliprange <= 0 or cliprange_value <= 0 or vf_coef < 0 or max_policy_kl < 0:
         raise UserError("--init_kl_coef, --vf_coef and --max_policy_kl must not be negative, --cliprange and "
                         "--cliprange_value must be positive")
@@ -335,7 +344,8 @@ def make_batches(split, rank=0, meta=None):
     --ppo, preference pairs under --reward_model (meta: read_data_meta's)."""
     if ppo:  # one batch of val prompts serves every eval
         return rlhf.PromptStream(prompts, split, rollouts if split == "train" else eval_iters * batch_size,
-                                 data_vocab(), start_len, seed=seed, rank=rank, data_dir=data_dir)
+                                 data_vocab(), start_len, seed=seed, rank=rank, data_dir=data_dir,
+                                 max_len=max_seq_len)
     if reward_model:
         pairs = rlhf.read_preferences(preferences, Tokenizer(meta["tokenizer"]), max_seq_len)
         train_pairs, val_pairs = rlhf.split_pairs(pairs, val_fraction, preferences)
@@ -537,6 +547,8 @@ def save(run, improved):
 
 
 def log_metrics(row):
+    if eval_only:  # a look at a checkpoint, printed: the run's metrics stay as they were
+        return
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -628,7 +640,7 @@ def ppo_recipe(run, ckpt, ckpt_path):
         kl_coef = init_kl_coef
     kl_ctl = rlhf.KLController(kl_coef, kl_target if kl_control == "adaptive" else None, kl_horizon)
     score = rlhf.make_reward(reward, tok, prompts, target_len, stops, max_seq_len, run.meta.get("tokenizer_sha256"),
-                             run.ctx)
+                             run.ctx, prompt_style=run.meta.get("prompt_style"))
     settings = rlhf.PPOSettings(**{f.name: globals()[f.name] for f in dataclasses.fields(rlhf.PPOSettings)})
     val_batches = [next(make_batches("val"))]
     run.extra_state = lambda: {"value_head": run.head.state_dict(), "kl_coef": kl_ctl.value, "reference": record}
@@ -658,7 +670,10 @@ def load_reference(path, dev, expected_checksum=None, ckpt=None):
 
     A resumed run rebuilds it from the recorded path and refuses weights that changed since (the file was
     trained further or replaced): the reference must stay the model PPO started from."""
-    ckpt = read_checkpoint(path) if ckpt is None else ckpt
+    if ckpt is None:
+        if not os.path.exists(path):
+            raise UserError(f"the reference model of this PPO run, {path}, is gone; restore it to resume")
+        ckpt = read_checkpoint(path)
     model = model_from_checkpoint(ckpt, merge=True, path=path)
     checksum = weights_checksum(model)
     if expected_checksum and checksum != expected_checksum:
@@ -758,6 +773,8 @@ def main(argv=None):
 def run_training(ckpt, ckpt_path, rank, local_world, world_size, dev):
     mode = mode_name()
     meta = read_data_meta(ckpt)
+    if mode == "reward_model" and init_from != "resume":  # the prompts it scores stories for, recorded for PPO
+        globals()["prompts"] = rlhf.preference_prompts(preferences, Tokenizer(meta["tokenizer"]).bos_id, prompts)
     tinystories.check_tokenizer(meta, (ckpt or {}).get("tokenizer"), vocab_size, ckpt_path,
                                 tinystories.pretok_dir(data_vocab(), uses_instruct_data(), data_dir))
     torch.manual_seed(seed + rank)
@@ -803,7 +820,8 @@ def run_training(ckpt, ckpt_path, rank, local_world, world_size, dev):
     if run.master:
         os.makedirs(out_dir, exist_ok=True)
         remove_dead_temporaries(os.path.join(glob.escape(out_dir), "*.tmp*"))  # from a killed run
-        start_metrics(run)
+        if not eval_only:
+            start_metrics(run)
         n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         tokens_per_iter = gradient_accumulation_steps * batch_size * max_seq_len
         each = f"{world_size} x " if world_size > 1 else ""  # per process under torchrun

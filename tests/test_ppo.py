@@ -16,7 +16,7 @@ import train
 from conftest import ROOT, pretrain_tiny, train_in_two_processes
 from configurator import UserError
 from model import ModelArgs, Transformer, load_model, read_checkpoint, save_checkpoint
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, instruct_prompt
 
 # PPO at toy scale: 8 stories of up to 24 tokens per iteration, 2 epochs of minibatches of 4
 SMALL_PPO = ["--rollouts=8", "--batch_size=4", "--max_new_tokens=24", "--ppo_epochs=2", "--start_len=8",
@@ -320,6 +320,11 @@ def test_resume_refuses_a_reference_that_changed(story_data, pretrained, tmp_pat
     save_checkpoint(ckpt, ref)
     line = one_error_line(capsys, train.main, ["--init_from=resume", f"--out_dir={out}", "--max_iters=2"])
     assert "reference model" in line and "ref.pt" in line
+    os.remove(ref)
+    line = one_error_line(capsys, train.main, ["--init_from=resume", f"--out_dir={out}", "--max_iters=2"])
+    assert "the reference model of this PPO run" in line and "is gone" in line
+    line = one_error_line(capsys, train.main, ["--ppo=True", "--init_from=resume", f"--out_dir={tmp_path}/none"])
+    assert "start with --init_from=a trained checkpoint" in line
 
 
 def test_ppo_moves_the_policy_toward_the_reward(story_data, pretrained, tmp_path):
@@ -362,13 +367,37 @@ def test_reward_model_learns_a_synthetic_preference(story_data, pretrained, tmp_
     assert evals[-1]["val_accuracy"] >= 0.9 and evals[-1]["val_loss"] < 0.4, evals
     ckpt = read_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["mode"] == "reward_model" and set(ckpt["reward_head"]) == {"weight", "bias"}
+    # its prompts are its pairs' (instructions, given as text), not those of the pretrained model it started from
+    assert ckpt["config"]["prompts"] == "instruct"
+    with pytest.raises(UserError, match="scores stories for instruct prompts"):
+        ppo.make_reward(f"model:{out}/ckpt.pt", Tokenizer(ckpt["tokenizer"]["path"]), "plain")
     # its scores as a PPO reward: the happy ending scores higher
     tok = Tokenizer(ckpt["tokenizer"]["path"])
-    reward = ppo.make_reward(f"model:{out}/ckpt.pt", tok, "plain")
-    prompt = {"tokens": tok.encode("Ben went to the farm.")[:5], "words": None, "instruction": None}
-    happy, sad = (tok.encode(f" Ben saw a cat. It was a {w} day.", bos=False) + [tok.eos_id] for w in ("happy", "sad"))
+    reward = ppo.make_reward(f"model:{out}/ckpt.pt", tok, "instruct")
+    instruction = "Write a story about Ben."
+    prompt = {"tokens": instruct_prompt(tok, instruction), "words": None, "instruction": instruction}
+    happy, sad = (tok.encode(f"Ben went to the farm. Ben saw a cat. It was a {w} day.", bos=False) + [tok.eos_id]
+                  for w in ("happy", "sad"))
     scores, _ = reward([prompt, prompt], [happy, sad])
     assert scores[0] > scores[1]
+
+
+def test_a_preference_file_says_which_prompts_its_stories_answer(tmp_path):
+    plain = {"prompt": "Once", "chosen": "a", "rejected": "b", "prompt_tokens": [1, 40], "chosen_tokens": [7, 2],
+             "rejected_tokens": [9, 2]}
+    instruct = {**plain, "prompt_tokens": [40, 41, 1]}
+    text = {"prompt": "Write a story.", "chosen": "a", "rejected": "b"}
+    files = {"plain": [plain, {"skipped": True}], "instruct": [instruct, text], "text": [text]}
+    for name, lines in files.items():
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert ppo.preference_prompts(str(tmp_path / "plain"), bos_id=1) == "plain"
+    assert ppo.preference_prompts(str(tmp_path / "instruct"), bos_id=1) == "instruct"
+    assert ppo.preference_prompts(str(tmp_path / "text"), bos_id=1, asked="instruct") == "instruct"
+    with pytest.raises(UserError, match="--prompts=plain but the pairs of .* answer instruct prompts"):
+        ppo.preference_prompts(str(tmp_path / "text"), bos_id=1, asked="plain")
+    (tmp_path / "mixed").write_text(json.dumps(plain) + "\n" + json.dumps(text) + "\n")
+    with pytest.raises(UserError, match="mixes stories for plain prompts"):
+        ppo.preference_prompts(str(tmp_path / "mixed"), bos_id=1)
 
 
 def test_preference_accuracy_counts_decided_pairs_only():
@@ -447,8 +476,22 @@ def test_bad_input_is_one_line_and_exit_2(story_data, pretrained, tmp_path, caps
     base = ["--ppo=True", f"--init_from={pretrained}", f"--data_dir={story_data}", f"--out_dir={tmp_path / 'o'}"]
     assert "cannot read 'lenght'" in one_error_line(capsys, train.main, [*base, "--reward=lenght"])
     assert "is not a reward model" in one_error_line(capsys, train.main, [*base, f"--reward=model:{pretrained}"])
-    assert "needs instruct prompts" in one_error_line(capsys, train.main, [*base, "--reward=words"])
+    assert "--reward=words needs instruct prompts" in one_error_line(capsys, train.main, [*base, "--reward=words"])
+    assert "--auto=words needs instruct prompts" in one_error_line(
+        capsys, ppo.main, label_argv(pretrained, story_data, tmp_path / "p", "--auto=words"))
+    with pytest.raises(UserError, match="this data's are summaries"):  # instructions that never name the words
+        ppo.make_reward("length+words", None, "instruct", prompt_style="summary")
     assert "--kl_estimator" in one_error_line(capsys, train.main, [*base, "--kl_estimator=k2"])
+    assert "use --kl_horizon=41 or more" in one_error_line(capsys, train.main, [*base, "--rollouts=200",
+                                                                               "--kl_horizon=40"])
+    assert "--gamma and --lam must be between 0 and 1" in one_error_line(capsys, train.main, [*base, "--lam=5"])
+    assert "--start_len=1000 leaves no room" in one_error_line(capsys, train.main, [*base, "--start_len=1000"])
+    scorer = str(tmp_path / "rm.pt")
+    save_checkpoint({**read_checkpoint(pretrained), "mode": "reward_model"}, scorer)
+    assert "is a reward model, which scores stories" in one_error_line(
+        capsys, train.main, ["--ppo=True", f"--init_from={scorer}", f"--data_dir={story_data}"])
+    assert "is a reward model, which scores stories" in one_error_line(
+        capsys, ppo.main, ["eval", f"--checkpoint={scorer}", f"--data_dir={story_data}"])
     assert "choose one mode" in one_error_line(capsys, train.main, [*base, "--sft=True"])
     assert "--init_from" in one_error_line(capsys, train.main, ["--ppo=True", f"--data_dir={story_data}"])
     rm = ["--reward_model=True", f"--init_from={pretrained}", f"--out_dir={tmp_path / 'rm'}"]
@@ -468,9 +511,19 @@ def test_bad_input_is_one_line_and_exit_2(story_data, pretrained, tmp_path, caps
     assert "cannot read" in one_error_line(capsys, train.main, [*base, "--reward=1e999*length"])
     assert "--auto='lenght'" in one_error_line(capsys, ppo.main, label_argv(pretrained, story_data, tmp_path / "p",
                                                                             "--auto=lenght"))
+    synthetic_preferences(tmp_path / "fine.jsonl", 8)
+    assert "--val_fraction must be above 0 and at most 0.5" in one_error_line(
+        capsys, train.main, [*rm, f"--preferences={tmp_path / 'fine.jsonl'}", "--val_fraction=0.9"])
     tie = tmp_path / "tie.jsonl"
     tie.write_text('{"prompt": "a", "chosen": "b", "rejected": "c", "tie": "no"}\n' * 4)
     assert '"tie" must be true or false' in one_error_line(capsys, train.main, [*rm, f"--preferences={tie}"])
+    odd_rows = {'"skipped" must be true or false': '{"prompt": "a", "chosen": "b", "rejected": "c", "skipped": "no"}',
+                "an empty prompt or story": '{"prompt": " ", "chosen": "b", "rejected": "c"}',
+                "not all ids": '{"prompt": "a", "chosen": "b", "rejected": "c", "prompt_tokens": [5, 1], '
+                               '"chosen_tokens": [7, true], "rejected_tokens": [9]}'}
+    for message, line in odd_rows.items():
+        tie.write_text(line + "\n" + '{"prompt": "a", "chosen": "b", "rejected": "c"}\n' * 3)
+        assert message in one_error_line(capsys, train.main, [*rm, f"--preferences={tie}"])
 
 
 def test_label_refuses_an_out_file_that_is_not_its_answers(story_data, pretrained, tmp_path, capsys):

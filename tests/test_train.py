@@ -243,12 +243,14 @@ def test_fine_tunes_a_hugging_face_folder_as_it_would_the_checkpoint(story_data,
     assert not merged.args.tie_embeddings and torch.equal(merged.output.weight, separate.output.weight)
 
 
-def test_eval_only_and_always_save_checkpoint(story_data, pretrained, tmp_path):
-    out = str(tmp_path / "eval")
-    train.main([f"--data_dir={story_data}", f"--out_dir={out}", f"--init_from={pretrained}/ckpt.pt",
-                "--eval_only=True", "--eval_iters=2"])
-    _, evals = metrics(out)
-    assert len(evals) == 1 and not os.path.exists(os.path.join(out, "ckpt.pt"))
+def test_eval_only_and_always_save_checkpoint(story_data, pretrained, tmp_path, capsys):
+    # eval_only prints the val loss and leaves out_dir as it was, a resumed run's metrics too
+    before = open(os.path.join(pretrained, "metrics.jsonl")).read()
+    for init in (f"--init_from={pretrained}/ckpt.pt", "--init_from=resume"):
+        train.main([f"--data_dir={story_data}", f"--out_dir={pretrained}", init, "--eval_only=True",
+                    "--eval_iters=2"])
+        assert "val loss" in capsys.readouterr().out
+    assert open(os.path.join(pretrained, "metrics.jsonl")).read() == before
     out = str(tmp_path / "latest")
     train.main([*TINY, f"--data_dir={story_data}", f"--out_dir={out}", "--batch_size=2", "--max_seq_len=16",
                 "--max_iters=3", "--eval_interval=2", "--eval_iters=1", "--always_save_checkpoint=True",

@@ -207,8 +207,9 @@ def configure(namespace, argv=None):
                 with open(arg, encoding="utf-8") as f:
                     source = f.read()
             except UnicodeDecodeError:
+                flag = next((k for k in ("checkpoint", "tokenizer_model", "preferences") if k in keys), "checkpoint")
                 raise UserError(f"{arg} is not a config file (Python setting globals); a checkpoint, model or "
-                                f"data file goes after its setting, e.g. --checkpoint={arg}") from None
+                                f"data file goes after its setting, e.g. --{flag}={arg}") from None
             try:
                 exec(compile(source, arg, "exec"), file_ns)
             except Exception as e:

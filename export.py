@@ -459,6 +459,8 @@ def main(argv=None):
         raise UserError("say which checkpoint to export: --checkpoint=out/ckpt.pt")
     if version not in WRITERS:
         raise UserError(f"--version must be one of {sorted(WRITERS)}, got {version}")
+    if group_size and (version != 2 or hf):
+        raise UserError("--group_size is for --version=2 (int8) only; leave it out")
     if hf and os.path.isfile(out):
         raise UserError(f"--hf=True writes a folder, and {out} is a file: give a folder name")
     refuse_overwriting(out, checkpoint, "--checkpoint")

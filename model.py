@@ -14,6 +14,16 @@ import torch.nn.functional as F
 from configurator import UserError, atomic_output
 
 
+SETTING_KINDS = {"norm_eps": "number", "dropout": "number", "tie_embeddings": "boolean"}  # the rest: whole numbers
+
+
+def is_kind(value, kind):
+    if kind == "boolean":
+        return isinstance(value, bool)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return number and (kind == "number" or isinstance(value, int))
+
+
 @dataclass
 class ModelArgs:
     # defaults are llama2.c's (the Llama 2 7B shape)
@@ -32,6 +42,10 @@ class ModelArgs:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        for f in fields(self):  # a damaged checkpoint or config.json gets a clear error here, not a TypeError later
+            value, kind = getattr(self, f.name), SETTING_KINDS.get(f.name, "whole number")
+            if not (value is None and f.name == "hidden_dim") and not is_kind(value, kind):
+                raise UserError(f"model setting {f.name}={value!r} is not a {kind}")
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
@@ -499,10 +513,22 @@ def read_checkpoint(path, device="cpu"):
                         "or a Hugging Face folder (with config.json)")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        raise UserError(f"{path} holds weights without their shapes: give the Hugging Face folder that holds it "
+                        "with config.json")
     try:
-        return torch.load(path, map_location=device, weights_only=False)
+        ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # any unpickling failure means the file is not a checkpoint
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} is not a checkpoint: it holds a {type(ckpt).__name__}, not a dict")
+    for key, kind in (("model_args", dict), ("model", dict), ("tokenizer", (dict, type(None))),
+                      ("config", (dict, type(None)))):
+        if key in ckpt and not isinstance(ckpt[key], kind):
+            raise UserError(f"{path} is damaged or not a checkpoint: its {key} is a {type(ckpt[key]).__name__}")
+    if not all(isinstance(v, torch.Tensor) for v in ckpt.get("model", {}).values()):
+        raise UserError(f"{path} is damaged or not a checkpoint: its model holds more than tensors")
+    return ckpt
 
 
 def model_from_checkpoint(ckpt, device="cpu", merge=False, path="checkpoint"):

@@ -1024,6 +1024,14 @@ typedef struct {
     float *log_buf;
 } Session;
 
+/* -s 0: a seed from the clock's nanoseconds, so runs started within the same second differ (llama2.c's time(NULL)
+   gives them one seed); never 0, which xorshift cannot leave. */
+static unsigned long long time_seed(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return ((unsigned long long)ts.tv_sec * 1000000000ull + (unsigned long long)ts.tv_nsec) | 1;
+}
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -1099,9 +1107,10 @@ static void chat(Session *z, const char *cli_user, const char *cli_system, int s
             n_prompt = encode(t, text, 1, 0, &prompt);
             free(text);
             if (pos + n_prompt >= steps) {
-                if (pos == 0)
-                    die("the prompt is %d tokens and -n %d leaves no room to answer; shorten it or raise -n", n_prompt,
-                        steps);
+                if (pos == 0 && steps < z->m->c.seq_len)
+                    die("the prompt is %d tokens and -n %d leaves no room to answer; shorten it or raise -n (at most "
+                        "%d)", n_prompt, steps, z->m->c.seq_len);
+                if (pos == 0) die("the prompt is %d tokens but the model's context is %d; shorten it", n_prompt, steps);
                 fprintf(stderr, "the conversation has reached the context of %d tokens\n", steps);
                 break;
             }
@@ -1238,7 +1247,7 @@ int main(int argc, char **argv) {
                 steps, seq_len);
         RunState state;
         alloc_state(&state, &model);
-        Sampler sampler = {temperature, topp, seed ? seed : (unsigned long long)time(NULL),
+        Sampler sampler = {temperature, topp, seed ? seed : time_seed(),
                            xcalloc(model.c.vocab_size, sizeof(float)), xcalloc(model.c.vocab_size, sizeof(int)),
                            xcalloc(64, sizeof(ProbIndex))};
         Session z = {&model, &state, &tok, &sampler, NULL, NULL};

@@ -59,6 +59,8 @@ def test_a_binary_file_is_not_read_as_a_config_file(tmp_path):
     blob.write_bytes(bytes(range(128, 256)))
     with pytest.raises(UserError, match=f"not a config file.*--checkpoint={blob}"):
         configure(settings(), [str(blob)])
+    with pytest.raises(UserError, match=f"not a config file.*--tokenizer_model={blob}"):  # tokenizer.py's setting
+        configure({"tokenizer_model": "", "out": ""}, [str(blob)])
 
 
 def test_config_file_with_unknown_key(tmp_path):

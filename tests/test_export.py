@@ -162,6 +162,7 @@ def test_cli_exports_every_version(tmp_path, capsys):
     (["a.bin", "--checkpoint=missing.pt"], "checkpoint not found"),
     (["a.bin", "--checkpoint=CKPT", "--version=3"], "--version must be one of"),
     (["a.bin", "--checkpoint=CKPT", "--version=2", "--group_size=48"], "must divide"),
+    (["a.bin", "--checkpoint=CKPT", "--version=1", "--group_size=8"], "--group_size is for --version=2"),
     (["a.bin", "--checkpoint=CKPT", "--versoin=1"], "did you mean --version"),
     (["CKPT", "--checkpoint=CKPT", "--hf=True"], "writes a folder"),
     (["CKPT", "--checkpoint=CKPT", "--version=1"], "is the --checkpoint being read"),
@@ -357,6 +358,8 @@ def test_hf_folder_keeps_the_prompts_its_model_was_trained_for(tmp_path):
     (lambda c, w: c.update(rope_theta=500000.0), "its rope_theta differ"),
     (lambda c, w: w.pop("model.layers.1.mlp.up_proj.weight"), "lacks the weight model.layers.1.mlp.up_proj"),
     (lambda c, w: c.update(intermediate_size=96), "has shape"),
+    (lambda c, w: c.update(num_key_value_heads="2"), "n_kv_heads='2' is not a whole number"),
+    (lambda c, w: c.update(rms_norm_eps="x"), "norm_eps='x' is not a number"),
 ])
 def test_hf_folder_problems_are_clear_errors(tmp_path, edit, message):
     folder = tmp_path / "hf"

@@ -326,6 +326,20 @@ def test_checkpoint_whose_shapes_do_not_match_args_is_an_error(tmp_path):
         read_checkpoint(str(bad))
     with pytest.raises(UserError, match="not found"):
         read_checkpoint(str(tmp_path / "missing.pt"))
+    # files torch reads that are not checkpoints, or damaged ones, are named as such (no TypeError, AttributeError)
+    good = {"model": model.state_dict(), "model_args": vars(model.args), "tokenizer": None}
+    odd = {"holds a Tensor": torch.zeros(3), "its model_args is a str": {**good, "model_args": "dim=64"},
+           "its model is a list": {**good, "model": [1, 2]}, "its tokenizer is a str": {**good, "tokenizer": "x"},
+           "its model holds more than tensors": {**good, "model": {"tok_embeddings.weight": [0.0]}}}
+    for message, content in odd.items():
+        torch.save(content, bad)
+        with pytest.raises(UserError, match=message):
+            read_checkpoint(str(bad))
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(UserError, match="give the Hugging Face folder that holds it"):
+        read_checkpoint(str(tmp_path / "model.safetensors"))
+    with pytest.raises(UserError, match="model setting dim='64' is not a whole number"):
+        model_from_checkpoint({**good, "model_args": {**good["model_args"], "dim": "64"}})
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

@@ -306,7 +306,7 @@ def test_chat_mode_with_long_prompts_and_turns(binaries, inference_models, expor
     long_text = "tell me a story " * 400  # far beyond the fixed buffers of llama2.c's chat
     r = run_c(binary, exported["random", 1], "-z", inference_models["tokenizer_bin"], "-m", "chat",
               "-y", long_text, "-i", long_text)
-    assert r.returncode == 2 and b"no room" in r.stderr and b"Sanitizer" not in r.stderr, r.stderr
+    assert r.returncode == 2 and b"shorten it" in r.stderr and b"Sanitizer" not in r.stderr, r.stderr
     r = run_c(binary, exported["trained", 1], "-z", inference_models["tokenizer_bin"], "-m", "chat", "-n", "128",
               "-t", "0", stdin=b"\nhello\nmore\n")
     assert r.returncode == 0, r.stderr
@@ -432,7 +432,10 @@ def test_bad_inputs_fail_cleanly_under_sanitizers(binaries, inference_models, ex
         ([model_bin, "-z", tok_bin, "-m", "poems"], "unknown mode"),
         ([model_bin, "-z", tok_bin, "-m", "instruct"], "needs the instruction"),
         ([model_bin, "-z", tok_bin, "-m", "instruct", "-i", " \t "], "needs the instruction"),
-        ([model_bin, "-z", tok_bin, "-m", "chat", "-y", "", "-n", "5", "-i", "Tom and Lily ran"], "no room"),
+        ([model_bin, "-z", tok_bin, "-m", "chat", "-y", "", "-n", "5", "-i", "Tom and Lily ran"],
+         "raise -n (at most 128)"),
+        ([model_bin, "-z", tok_bin, "-m", "chat", "-y", "", "-i", "Tom and Lily ran " * 40],
+         "but the model's context is 128; shorten it"),
         ([model_bin, "-z", tok_bin, "-y", "be nice"], "only used with -m chat"),
         ([model_bin, "-z", tok_bin, "-l", "/nonexistent/dir/log.bin"], "cannot write"),
         (["-t", "1"], "first argument"),

@@ -282,7 +282,8 @@ class Transformer(nn.Module):
         device = self.rope_cos.device
         B, lengths = len(prompts), [len(p) for p in prompts]
         T0 = max(lengths)
-        total = min(T0 + max_new_tokens, self.args.max_seq_len)
+        # a row's positions start after its left padding, so a shorter prompt may run past max_seq_len cache slots
+        total = min(T0 + max_new_tokens, self.args.max_seq_len + T0 - min(lengths))
         if T0 >= self.args.max_seq_len and max_new_tokens > 0:
             raise UserError(f"prompt of {T0} tokens leaves no room in max_seq_len={self.args.max_seq_len}")
         # left-pad so that every row's next token is written at the same cache index
@@ -310,6 +311,7 @@ class Transformer(nn.Module):
         hidden = h.new_zeros(B, total - T0, h.size(-1)) if return_hidden else None
         rows = list(range(B))  # the prompt each row of the batch continues
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        last_slot = pad + self.args.max_seq_len - 1  # where each row's context is full
         stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
         for t in range(T0, T0 + max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
@@ -321,6 +323,7 @@ class Transformer(nn.Module):
                 hidden[[rows[i] for i in running], t - T0] = h[running]
             if len(stop):
                 done |= torch.isin(nxt, stop)
+            done |= last_slot <= t
             if bool(done.all()) or t + 1 >= total:
                 break
             if int(done.sum()) * 8 >= len(rows):  # drop finished rows, now and then: every step of theirs is waste
@@ -328,6 +331,7 @@ class Transformer(nn.Module):
                 cache.keep_rows(keep)
                 rows = [rows[i] for i in keep.tolist()]
                 nxt, key_valid, positions, done = nxt[keep], key_valid[keep], positions[keep], done[keep]
+                last_slot = last_slot[keep]
             mask = key_valid[:, None, None, :t + 1] if padded else None
             h = self.hidden_states(nxt[:, None], positions[:, t:t + 1], cache=cache, start=t, mask=mask)[:, -1]
             logits = self.output(h)

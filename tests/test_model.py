@@ -164,6 +164,11 @@ def test_generate_stops_at_max_seq_len():
     assert len(out[0]) == 6
     with pytest.raises(UserError):
         model.generate([[1] * 16], 5)
+    # each row fills its own context: a long prompt beside it does not cut a short one's story (nor change it)
+    prompts = [[1, 7, 8], [1] * 12, [1]]
+    out, hidden = model.generate(prompts, 50, temperature=0.0, return_hidden=True)
+    assert [len(row) for row in out] == [13, 4, 15] and [len(h) for h in hidden] == [13, 4, 15]
+    assert out == [model.generate([p], 50, temperature=0.0)[0] for p in prompts]
 
 
 def test_generate_cost_does_not_rerun_prefix():

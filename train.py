@@ -181,6 +181,9 @@ def resolve_settings(changed):
             if k in changed and k in saved and changed[k] != saved[k]:
                 raise UserError(f"--{k}={changed[k]!r} but {path} was trained with {k}={saved[k]!r}; "
                                 "a resumed run keeps its model and mode")
+        if "init_kl_coef" in changed and "kl_coef" in ckpt:
+            raise UserError(f"a resumed PPO run goes on with its KL coefficient ({ckpt['kl_coef']:.4g}); "
+                            "--init_kl_coef sets a fresh run's: leave it out, or use --kl_control=fixed to hold it")
         for k, v in saved.items():
             if k in g["_config_defaults"] and k not in changed and k not in ("init_from", "out_dir"):
                 g[k] = v

@@ -325,6 +325,8 @@ def test_resume_refuses_a_reference_that_changed(story_data, pretrained, tmp_pat
     assert "the reference model of this PPO run" in line and "is gone" in line
     line = one_error_line(capsys, train.main, ["--ppo=True", "--init_from=resume", f"--out_dir={tmp_path}/none"])
     assert "start with --init_from=a trained checkpoint" in line
+    line = one_error_line(capsys, train.main, ["--init_from=resume", f"--out_dir={out}", "--init_kl_coef=0.05"])
+    assert "goes on with its KL coefficient" in line
 
 
 def test_ppo_moves_the_policy_toward_the_reward(story_data, pretrained, tmp_path):

@@ -295,7 +295,8 @@ class Transformer(nn.Module):
         cache = KVCache(self.args, B, total, device, dtype)
         idx = torch.arange(total, device=device)
         key_valid = idx[None, :] >= pad[:, None]  # (B, total)
-        positions = (idx[None, :] - pad[:, None]).clamp(min=0)
+        # clamped: a row whose context is full may run on in the batch (its tokens unused) until it is dropped
+        positions = (idx[None, :] - pad[:, None]).clamp(0, self.args.max_seq_len - 1)
         causal = idx[:T0, None] >= idx[None, :T0]
         # a pad query may see itself so that no softmax row is empty
         prefill_mask = causal & (key_valid[:, None, :T0] | torch.eye(T0, dtype=torch.bool, device=device))

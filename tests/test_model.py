@@ -169,6 +169,8 @@ def test_generate_stops_at_max_seq_len():
     out, hidden = model.generate(prompts, 50, temperature=0.0, return_hidden=True)
     assert [len(row) for row in out] == [13, 4, 15] and [len(h) for h in hidden] == [13, 4, 15]
     assert out == [model.generate([p], 50, temperature=0.0)[0] for p in prompts]
+    many = [[1] * 12] + [[1, 7, 8]] * 9  # the full row stays in the batch (too few done to drop) and runs on
+    assert [len(row) for row in model.generate(many, 50, temperature=0.0)] == [4] + [13] * 9
 
 
 def test_generate_cost_does_not_rerun_prefix():

@@ -226,10 +226,10 @@ def start_mode(changed, ckpt):
         if init_from == "scratch":
             raise UserError(f"--{mode}=True starts from a trained model: give its checkpoint with "
                             "--init_from=path/to/ckpt.pt")
-        if mode == "ppo":
+        if mode == "ppo":  # (a reward model's prompts come from its preference file, in run_training)
             rlhf.refuse_reward_model_policy(ckpt, init_from)
-        if prompts == "auto" and mode == "ppo":  # a reward model's come from its preference file
-            g["prompts"] = default_prompts(ckpt)
+            if prompts == "auto":
+                g["prompts"] = default_prompts(ckpt)
 
 
 def check_settings(changed):

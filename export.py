@@ -445,6 +445,14 @@ def export(model, path, file_version=0, eos=False, tok=None, group=0):
     return flags
 
 
+def input_files(path):
+    """What reading a checkpoint path reads: the file, or a Hugging Face folder and the files in it."""
+    if not path or not os.path.isdir(path):
+        return [path]
+    names = ["config.json", "tokenizer.model", "*.safetensors", "pytorch_model*.bin"]
+    return [path] + [f for n in names for f in glob.glob(os.path.join(glob.escape(path), n))]
+
+
 @cli
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -463,9 +471,11 @@ def main(argv=None):
         raise UserError("--group_size is for --version=2 (int8) only; leave it out")
     if hf and os.path.isfile(out):
         raise UserError(f"--hf=True writes a folder, and {out} is a file: give a folder name")
-    refuse_overwriting(out, checkpoint, "--checkpoint")
+    refuse_overwriting(out, tokenizer, "--tokenizer")
     model, ckpt = load_model(checkpoint, merge=True)
-    refuse_overwriting(out, ckpt.get("base_checkpoint"), "LoRA base checkpoint")
+    for source, what in ((checkpoint, "--checkpoint"), (ckpt.get("base_checkpoint"), "LoRA base checkpoint")):
+        for path in input_files(source):
+            refuse_overwriting(out, path, what if path == source else f"{what}'s {os.path.basename(path)}")
     tok = checkpoint_tokenizer(ckpt, tokenizer, model.args.vocab_size, checkpoint, required=False)
     mode = ckpt.get("mode", "pretrain")
     dropped = {"ppo": " (value head not exported)", "reward_model": " (reward head not exported)"}.get(mode, "")

@@ -284,7 +284,7 @@ class Transformer(nn.Module):
         T0 = max(lengths)
         # a row's positions start after its left padding, so a shorter prompt may run past max_seq_len cache slots
         total = min(T0 + max_new_tokens, self.args.max_seq_len + T0 - min(lengths))
-        if T0 >= self.args.max_seq_len and max_new_tokens > 0:
+        if T0 > self.args.max_seq_len or (T0 == self.args.max_seq_len and max_new_tokens > 0):
             raise UserError(f"prompt of {T0} tokens leaves no room in max_seq_len={self.args.max_seq_len}")
         # left-pad so that every row's next token is written at the same cache index
         pad = torch.tensor([T0 - n for n in lengths], device=device)

@@ -52,6 +52,7 @@ from tokenizer import checkpoint_tokenizer, default_prompts, instruct_prompt
 # -----------------------------------------------------------------------------
 # settings of `python ppo.py label|eval` (PPO and the reward model train through train.py)
 checkpoint = ""  # the model that writes the stories
+tokenizer = ""  # its sentencepiece .model; default: the one the checkpoint names
 out = ""  # label: the JSONL preference file to append to
 auto = ""  # label: a reward spec that answers instead of a person (e.g. words); ties when scores are equal
 num_pairs = 0  # label: stop after this many pairs in the file (0: until q, or end of input)
@@ -135,6 +136,10 @@ class PromptStream(tinystories.BatchStream):
             self.examples = [{"tokens": e["prompt"], "words": e["words"], "instruction": e["instruction"]}
                              for e in tinystories.instruct_examples(split, vocab_size, data_dir)]
             count = len(self.examples)
+            longest = max((len(e["tokens"]) for e in self.examples), default=0)
+            if max_len and longest + 1 >= max_len:  # refused now, not at the iteration that first draws it
+                raise UserError(f"the longest {split} instruction is {longest} tokens, leaving no room for a story "
+                                f"in a context of {max_len}: raise --max_seq_len (at most the model's)")
         else:
             meta, self.shards = tinystories.split_shards(vocab_size, split, data_dir)
             self.starts = [np.flatnonzero(s == meta["bos_id"]) for s in self.shards]  # every story opens with BOS
@@ -879,7 +884,7 @@ def main(argv=None):
     refuse_reward_model_policy(ckpt, checkpoint)
     model = frozen(model.to(pick_device(device)))
     vocab = model.args.vocab_size
-    tok = checkpoint_tokenizer(ckpt, "", vocab, checkpoint)
+    tok = checkpoint_tokenizer(ckpt, tokenizer, vocab, checkpoint)
     kind = default_prompts(ckpt) if prompts == "auto" else prompts
     data_vocab = tinystories.folder_vocab(tinystories.vocab_source_of(ckpt, vocab), vocab)
     instruct = kind == "instruct"

@@ -28,6 +28,7 @@ import glob
 import json
 import math
 import os
+import re
 import time
 from contextlib import nullcontext
 from typing import Any, Callable, Optional
@@ -161,6 +162,16 @@ class Run:
 
 # ----------------------------------------------------------------------------- settings
 
+def absolute_paths(settings):
+    """--preferences and the reward's model:PATH terms made absolute, as recorded, so a run resumes from any
+    working directory (and the same file given either way compares equal)."""
+    if settings.get("preferences"):
+        settings["preferences"] = os.path.abspath(settings["preferences"])
+    if settings.get("reward"):
+        settings["reward"] = re.sub(r"model:(\S+?)(?=\s*(?:\+|$))",
+                                    lambda m: "model:" + os.path.abspath(m.group(1)), settings["reward"])
+
+
 def resolve_settings(changed):
     """Settle the settings of this run; returns (checkpoint dict or None, its path).
 
@@ -183,7 +194,7 @@ def resolve_settings(changed):
                                 "a resumed run keeps its model and mode")
         if "init_kl_coef" in changed and "kl_coef" in ckpt:
             raise UserError(f"a resumed PPO run goes on with its KL coefficient ({ckpt['kl_coef']:.4g}); "
-                            "--init_kl_coef sets a fresh run's: leave it out, or use --kl_control=fixed to hold it")
+                            "--init_kl_coef sets a fresh run's: leave it out")
         for k, v in saved.items():
             if k in g["_config_defaults"] and k not in changed and k not in ("init_from", "out_dir"):
                 g[k] = v
@@ -761,6 +772,8 @@ def mode_name():
 @cli
 def main(argv=None):
     changed = configure(globals(), argv)
+    for settings in (changed, globals()):
+        absolute_paths(settings)
     ckpt, ckpt_path = resolve_settings(changed)
     rank, local_world, world_size, dev = setup_distributed()
     try:

@@ -340,6 +340,21 @@ def test_hf_folder_reads_back_and_exports_the_same_bin(tmp_path, capsys):
     assert open(tmp_path / "via_hf.bin", "rb").read() == open(tmp_path / "direct.bin", "rb").read()
 
 
+def test_export_never_writes_over_a_file_it_reads(tmp_path, capsys):
+    folder = tmp_path / "hf"
+    export.write_hf(str(folder), tiny())
+    tok_path, _ = train_inference_tokenizer(str(tmp_path), "tok")
+    ckpt = checkpoint(tiny(), tmp_path / "ckpt.pt")
+    for argv in ([str(folder / "model.safetensors"), f"--checkpoint={folder}"],
+                 [str(folder / "config.json"), f"--checkpoint={folder}", "--version=1"],
+                 [tok_path, f"--checkpoint={ckpt}", f"--tokenizer={tok_path}"]):
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        with pytest.raises(SystemExit) as e:
+            export.main(argv)
+        assert e.value.code == 2 and "being read" in capsys.readouterr().err
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_hf_folder_keeps_the_prompts_its_model_was_trained_for(tmp_path):
     for mode, prompts in [("sft", "instruct"), ("pretrain", "plain")]:
         folder = tmp_path / mode

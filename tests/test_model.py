@@ -164,6 +164,8 @@ def test_generate_stops_at_max_seq_len():
     assert len(out[0]) == 6
     with pytest.raises(UserError):
         model.generate([[1] * 16], 5)
+    with pytest.raises(UserError, match="leaves no room"):
+        model.generate([[1] * 17], 0)
     # each row fills its own context: a long prompt beside it does not cut a short one's story (nor change it)
     prompts = [[1, 7, 8], [1] * 12, [1]]
     out, hidden = model.generate(prompts, 50, temperature=0.0, return_hidden=True)

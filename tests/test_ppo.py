@@ -384,6 +384,13 @@ def test_reward_model_learns_a_synthetic_preference(story_data, pretrained, tmp_
     assert scores[0] > scores[1]
 
 
+def test_paths_in_rlhf_settings_are_recorded_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # so that a run resumes, and compares its settings, from any directory
+    settings = {"reward": "length+0.5*model:rm/ckpt.pt", "preferences": "prefs.jsonl"}
+    train.absolute_paths(settings)
+    assert settings == {"reward": f"length+0.5*model:{tmp_path}/rm/ckpt.pt", "preferences": f"{tmp_path}/prefs.jsonl"}
+
+
 def test_a_preference_file_says_which_prompts_its_stories_answer(tmp_path):
     plain = {"prompt": "Once", "chosen": "a", "rejected": "b", "prompt_tokens": [1, 40], "chosen_tokens": [7, 2],
              "rejected_tokens": [9, 2]}
@@ -488,6 +495,9 @@ def test_bad_input_is_one_line_and_exit_2(story_data, pretrained, tmp_path, caps
                                                                                "--kl_horizon=40"])
     assert "--gamma and --lam must be between 0 and 1" in one_error_line(capsys, train.main, [*base, "--lam=5"])
     assert "--start_len=1000 leaves no room" in one_error_line(capsys, train.main, [*base, "--start_len=1000"])
+    longest = max(len(e["prompt"]) for e in tinystories.instruct_examples("train", 512, story_data))
+    assert f"the longest train instruction is {longest} tokens" in one_error_line(
+        capsys, train.main, [*base, "--prompts=instruct", f"--max_seq_len={longest}"])
     scorer = str(tmp_path / "rm.pt")
     save_checkpoint({**read_checkpoint(pretrained), "mode": "reward_model"}, scorer)
     assert "is a reward model, which scores stories" in one_error_line(
@@ -564,3 +574,11 @@ def test_eval_reports_scores_on_held_out_prompts(story_data, pretrained, capsys,
     save_checkpoint(ckpt, other)
     assert "another vocabulary" in one_error_line(capsys, ppo.main, ["eval", f"--checkpoint={other}",
                                                                      f"--data_dir={story_data}", "--reward=length"])
+    # a checkpoint whose tokenizer moved: --tokenizer names it
+    moved = dict(read_checkpoint(pretrained), tokenizer={"path": str(tmp_path / "moved.model"), "vocab_size": 512})
+    save_checkpoint(moved, other)
+    argv = ["eval", f"--checkpoint={other}", f"--data_dir={story_data}", "--reward=length", "--num_prompts=2",
+            "--max_new_tokens=4"]
+    assert "--tokenizer=PATH.model" in one_error_line(capsys, ppo.main, argv)
+    ppo.main([*argv, f"--tokenizer={tok.model_path}"])
+    assert capsys.readouterr().out.startswith(f"{other}: 2 held-out plain prompts")

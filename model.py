@@ -597,8 +597,8 @@ def _resolve_base(base_path, ckpt_path):
     if os.path.exists(base_path):  # a file, or a Hugging Face folder
         return base_path
     beside = os.path.join(os.path.dirname(ckpt_path), os.path.basename(base_path))
-    if os.path.exists(beside):
-        return beside
+    if os.path.exists(beside) and not (os.path.exists(ckpt_path) and os.path.samefile(beside, ckpt_path)):
+        return beside  # (never the adapters' own file, when base and adapters are both named ckpt.pt)
     raise UserError(f"{ckpt_path} is a LoRA checkpoint whose base {base_path} is missing; restore it or "
                     "export the merged model where the base exists")
 

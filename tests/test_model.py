@@ -401,6 +401,13 @@ def test_adapter_only_lora_checkpoint_loads_its_base(tmp_path):
     os.remove(base_path)
     with pytest.raises(UserError, match="base .* is missing"):
         load_model(lora_path)
+    # base and adapters both named ckpt.pt (train.py's name), the base gone: the adapters are not their own base
+    named_alike = tmp_path / "lora_run" / "ckpt.pt"
+    named_alike.parent.mkdir()
+    adapters = read_checkpoint(lora_path)
+    save_checkpoint({**adapters, "base_checkpoint": str(tmp_path / "pretrain" / "ckpt.pt")}, str(named_alike))
+    with pytest.raises(UserError, match=f"{named_alike} is a LoRA checkpoint whose base .*pretrain/ckpt.pt is missing"):
+        load_model(str(named_alike))
 
 
 @pytest.mark.parametrize("T, head_dim", [(300, 8), (64, 8), (40, 8), (300, 32)])

@@ -271,6 +271,12 @@ def read_safetensors(path):
     return tensors
 
 
+def hf_weight_files(folder):
+    """The weight files of a Hugging Face folder: (its *.safetensors, its pytorch_model*.bin), each sorted."""
+    return tuple(sorted(glob.glob(os.path.join(glob.escape(folder), pattern)))
+                 for pattern in ("*.safetensors", "pytorch_model*.bin"))
+
+
 def read_hf(folder):
     """The Llama of a Hugging Face folder (config.json, then *.safetensors or pytorch_model*.bin) as our state
     dict of fp32 weights, q and k rows put back in Meta's interleaved rotary order, its ModelArgs and its config;
@@ -295,8 +301,7 @@ def read_hf(folder):
         raise UserError(f"{folder}: its {', '.join(k for k, v in unsupported.items() if v)} differ from this "
                         "toolkit's Llama 2 (rope_theta 10000, no rope scaling, no biases, SiLU, dim = heads x "
                         "head_dim)")
-    files = sorted(glob.glob(os.path.join(glob.escape(folder), "*.safetensors")))
-    bins = sorted(glob.glob(os.path.join(glob.escape(folder), "pytorch_model*.bin")))
+    files, bins = hf_weight_files(folder)
     if not files and not bins:
         raise UserError(f"{folder} has no weights (*.safetensors or pytorch_model*.bin)")
     weights = {}
@@ -449,8 +454,8 @@ def input_files(path):
     """What reading a checkpoint path reads: the file, or a Hugging Face folder and the files in it."""
     if not path or not os.path.isdir(path):
         return [path]
-    names = ["config.json", "tokenizer.model", "*.safetensors", "pytorch_model*.bin"]
-    return [path] + [f for n in names for f in glob.glob(os.path.join(glob.escape(path), n))]
+    files, bins = hf_weight_files(path)
+    return [path, os.path.join(path, "config.json"), os.path.join(path, "tokenizer.model"), *files, *bins]
 
 
 @cli

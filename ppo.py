@@ -892,10 +892,10 @@ def main(argv=None):
     tinystories.check_tokenizer(meta, ckpt.get("tokenizer"), vocab, checkpoint,
                                 tinystories.pretok_dir(data_vocab, instruct, data_dir))
     stops = (tok.bos_id, tok.eos_id)
+    sha = (ckpt.get("tokenizer") or {}).get("sha256")
     if command == "label":
         stream = PromptStream(kind, "train", 1, data_vocab, start_len, seed, data_dir=data_dir,
                               max_len=model.args.max_seq_len)
-        sha = (ckpt.get("tokenizer") or {}).get("sha256")
         auto_reward = make_reward(auto, tok, kind, target_len, stops, model.args.max_seq_len, sha, flag="auto",
                                   prompt_style=meta.get("prompt_style")) if auto else None
         if not auto:
@@ -904,8 +904,8 @@ def main(argv=None):
                         chunk=max(1, batch_size // 2))
         print(f"{written} answer(s) appended to {out}; it now reaches pair {answered(out)}")
         return
-    score = make_reward(reward, tok, kind, target_len, stops, model.args.max_seq_len,
-                        (ckpt.get("tokenizer") or {}).get("sha256"), prompt_style=meta.get("prompt_style"))
+    score = make_reward(reward, tok, kind, target_len, stops, model.args.max_seq_len, sha,
+                        prompt_style=meta.get("prompt_style"))
     stream = PromptStream(kind, "val", batch_size, data_vocab, start_len, seed, data_dir=data_dir,
                           max_len=model.args.max_seq_len)
     batches = [next(stream) for _ in range(-(-num_prompts // batch_size))]

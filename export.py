@@ -72,18 +72,18 @@ def shape_ints(model):
     return [a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.max_seq_len]
 
 
-def header_v1(model, file_version, flags, shared, group=0):
-    """The 256-byte header of versions 1 and 2."""
+def header_v1(model, file_version, flags, shared, tok_crc, group=0):
+    """The 256-byte header of versions 1 and 2; tok_crc is the tokenizer .bin's CRC-32 (0: not known)."""
     header = bytearray(256)
     struct.pack_into("<Ii7iB", header, 0, MAGIC, file_version, *shape_ints(model), int(shared))
     if file_version == 2:
         struct.pack_into("<i", header, 37, group)
-    struct.pack_into("<If", header, 64, flags, model.args.norm_eps)
+    struct.pack_into("<IfI", header, 64, flags, model.args.norm_eps, tok_crc)
     return bytes(header)
 
 
-def write_v0(path, model, flags):
-    """llama2.c's legacy layout; it has no room for flags, so run.c assumes llama2.c's behaviour."""
+def write_v0(path, model, flags, tok_crc):
+    """llama2.c's legacy layout; it has no room for flags or tok_crc, so run.c assumes llama2.c's behaviour."""
     if not np.isclose(model.args.norm_eps, 1e-5, rtol=0, atol=1e-12):
         raise UserError(f"version 0 cannot record norm_eps={model.args.norm_eps} (run.c would use 1e-5); "
                         "export with --version=1")
@@ -113,9 +113,9 @@ def layout_v1(model):
     return shared, norms, matrices
 
 
-def write_v1(path, model, flags):
+def write_v1(path, model, flags, tok_crc):
     shared, norms, matrices = layout_v1(model)
-    _write(path, [header_v1(model, 1, flags, shared), *norms, *matrices])
+    _write(path, [header_v1(model, 1, flags, shared, tok_crc), *norms, *matrices])
 
 
 def pick_group_size(args, requested=0):
@@ -147,10 +147,10 @@ def dequantize_q80(q, scale):
     return (q.reshape(-1, group).astype(np.float32) * scale.reshape(-1, 1)).reshape(q.shape)
 
 
-def write_v2(path, model, flags, group=0):
+def write_v2(path, model, flags, tok_crc, group=0):
     group = pick_group_size(model.args, group)
     shared, norms, matrices = layout_v1(model)
-    parts = [header_v1(model, 2, flags, shared, group), *norms]
+    parts = [header_v1(model, 2, flags, shared, tok_crc, group), *norms]
     max_err = 0.0
     for stack in matrices:  # llama2.c's order: each tensor's int8 values, then its scales, layer by layer
         q, scale = quantize_q80(stack, group)
@@ -168,7 +168,7 @@ def _write(path, parts):
             f.write(part if isinstance(part, bytes) else np.ascontiguousarray(part).data)
 
 
-WRITERS = {0: write_v0, 1: write_v1, 2: write_v2}  # a new format is one more function taking (path, model, flags)
+WRITERS = {0: write_v0, 1: write_v1, 2: write_v2}  # a new format is one more function taking (path, model, flags, tok_crc)
 
 HF_NAMES = {  # a layer's parameters: ours -> transformers' Llama
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
@@ -190,10 +190,11 @@ def rotary_pairs(w, n_heads):
     return w.view(n_heads, 2, -1, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
 
-def write_hf(folder, model, tok=None, prompts="plain"):
+def write_hf(folder, model, tok=None, prompts="plain", eos=False):
     """A Hugging Face Llama folder: config.json, model.safetensors and, given tok, its tokenizer files.
 
-    config.json also says which prompts the model was trained for ("prompts": "plain" or "instruct")."""
+    config.json also says which prompts the model was trained for ("prompts": "plain" or "instruct") and whether
+    its stories end with EOS ("trained_with_eos"; transformers' eos_token_id is there for any tokenizer)."""
     a, shared = model.args, shares_classifier(model)
     weights = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
     if not shared:
@@ -208,7 +209,8 @@ def write_hf(folder, model, tok=None, prompts="plain"):
               "intermediate_size": a.hidden_dim, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
               "num_key_value_heads": a.n_kv_heads, "vocab_size": a.vocab_size, "max_position_embeddings": a.max_seq_len,
               "rms_norm_eps": a.norm_eps, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": shared,
-              "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32", "prompts": prompts}
+              "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32", "prompts": prompts,
+              "trained_with_eos": eos}
     if tok is not None:
         config.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     with atomic_output(os.path.join(folder, "config.json"), "w") as f:
@@ -348,17 +350,18 @@ def hf_checkpoint(folder):
     return {"model_args": asdict(args), "model": state, "mode": "Hugging Face",
             "config": {"prompts": config["prompts"]} if "prompts" in config else {},
             "tokenizer": tok and {"path": tok_path, "vocab_size": tok.vocab_size, "sha256": tok.vocab_sha256()},
-            "eos": config.get("eos_token_id") is not None}  # a Llama that names EOS ends its texts with it
+            # a Llama from elsewhere that names EOS ends its texts with it
+            "eos": bool(config.get("trained_with_eos", config.get("eos_token_id") is not None))}
 
 
 def read_bin(path):
     """The model in a .bin of any version (ours or llama2.c's) as a Transformer with fp32 weights, Q8_0 ones
-    dequantised, and the header's extras {"version", "flags", "group_size", "shared_classifier"}."""
+    dequantised, and the header's extras {"version", "flags", "group_size", "shared_classifier", "tok_crc"}."""
     from model import ModelArgs, Transformer
     data = np.fromfile(path, dtype=np.uint8)
     if len(data) < 28:
         raise UserError(f"{path} is too small to be a model .bin")
-    file_version, flags, group, norm_eps = 0, 0, 0, 1e-5
+    file_version, flags, group, norm_eps, tok_crc = 0, 0, 0, 1e-5, 0
     if int(data[:4].view(np.uint32)[0]) == MAGIC:
         file_version = int(data[4:8].view(np.int32)[0])
         ints = data[8:36].view(np.int32).tolist()
@@ -366,6 +369,7 @@ def read_bin(path):
         group = int(data[37:41].copy().view(np.int32)[0]) if file_version == 2 else 0
         flags = int(data[64:68].view(np.uint32)[0])
         norm_eps = float(data[68:72].view(np.float32)[0]) or 1e-5
+        tok_crc = int(data[72:76].view(np.uint32)[0])
         offset = 256
     else:
         ints = data[:28].view(np.int32).tolist()
@@ -424,7 +428,8 @@ def read_bin(path):
         for i, layer in enumerate(model.layers):
             for name in ("attention_norm", "ffn_norm", *MATRICES):
                 layer.get_parameter(f"{name}.weight").copy_(torch.from_numpy(w[name][i]))
-    return model, {"version": file_version, "flags": flags, "group_size": group, "shared_classifier": shared}
+    return model, {"version": file_version, "flags": flags, "group_size": group, "shared_classifier": shared,
+                   "tok_crc": tok_crc}
 
 
 def tokenizer_flags(tok):
@@ -442,11 +447,11 @@ def export(model, path, file_version=0, eos=False, tok=None, group=0):
     if file_version not in WRITERS:
         raise UserError(f"--version must be one of {sorted(WRITERS)}, got {file_version}")
     flags = (FLAG_EOS if eos else 0) | (tokenizer_flags(tok) if tok is not None else 0)
-    model = model.float().eval()
+    model, tok_crc = model.float().eval(), tok.bin_crc32() if tok is not None else 0
     if file_version == 2:
-        write_v2(path, model, flags, group)
+        write_v2(path, model, flags, tok_crc, group)
     else:
-        WRITERS[file_version](path, model, flags)
+        WRITERS[file_version](path, model, flags, tok_crc)
     return flags
 
 
@@ -486,7 +491,7 @@ def main(argv=None):
     dropped = {"ppo": " (value head not exported)", "reward_model": " (reward head not exported)"}.get(mode, "")
     n_params = sum(p.numel() for p in model.parameters())
     if hf:
-        write_hf(out, model.float().eval(), tok, default_prompts(ckpt))
+        write_hf(out, model.float().eval(), tok, default_prompts(ckpt), bool(ckpt.get("eos")))
         print(f"wrote {out}/: a Hugging Face Llama folder, {mode} model{dropped}, {n_params / 1e6:.2f}M parameters"
               + ("" if tok else " (no tokenizer: the checkpoint's is not available; pass --tokenizer=PATH.model)"))
         if tok is not None and tokenizer_flags(tok) & FLAG_STRIP_SPACES:

@@ -273,6 +273,7 @@ typedef struct {
     int version, group_size, head_size, kv_dim;
     unsigned flags;
     float norm_eps;
+    uint32_t tokenizer_crc;  /* CRC-32 of the tokenizer .bin the model was exported with; 0 = not recorded */
     Layer *layers;
     const float *rms_final;
     Matrix emb, wcls;
@@ -448,6 +449,7 @@ static void load_model(Model *m, const char *path) {
             if (!(eps > 0.0f && eps < 1.0f)) die("%s: corrupt header (norm_eps %g)", path, eps);
             m->norm_eps = eps;
         }
+        memcpy(&m->tokenizer_crc, b + 72, 4);
         header = 256;
     } else {  /* version 0, llama2.c's legacy layout: seven ints, a negative vocab meaning an unshared classifier */
         m->version = 0;
@@ -707,7 +709,17 @@ static int byte_piece(const char *p, int n) {  /* "<0xAB>" -> 0xAB, else -1 */
     return (int)strtol((char[]){p[3], p[4], 0}, NULL, 16);
 }
 
-static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size) {
+static uint32_t crc32_of(const unsigned char *p, size_t n) {  /* zlib's CRC-32, bit by bit */
+    uint32_t c = 0xFFFFFFFFu;
+    while (n--) {
+        c ^= *p++;
+        for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+    }
+    return ~c;
+}
+
+static void load_tokenizer(Tokenizer *t, const char *path, const Model *m, const char *model_path) {
+    int vocab_size = m->c.vocab_size;
     memset(t, 0, sizeof *t);
     FILE *f = fopen(path, "rb");
     if (!f) die("cannot open tokenizer %s (make it with: python tokenizer.py --tokenizer-model=PATH.model)", path);
@@ -733,6 +745,9 @@ static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size) {
     if (count != (size_t)vocab_size)
         die("tokenizer %s has %zu tokens but the model has %d; use the tokenizer the model was trained with",
             path, count, vocab_size);
+    if (m->tokenizer_crc && crc32_of(data, size) != m->tokenizer_crc)
+        die("tokenizer %s is not the one %s was exported with (same %d tokens, other pieces or scores); use the "
+            "tokenizer the model was trained with", path, model_path, vocab_size);
     t->piece = xcalloc(vocab_size, sizeof(char *));
     t->len = xcalloc(vocab_size, sizeof(int));
     t->score = xcalloc(vocab_size, sizeof(float));
@@ -1212,7 +1227,7 @@ int main(int argc, char **argv) {
     Model model;
     load_model(&model, model_path);
     Tokenizer tok;
-    load_tokenizer(&tok, tokenizer_path, model.c.vocab_size);
+    load_tokenizer(&tok, tokenizer_path, &model, model_path);
     tok.strip_spaces = (model.flags & FLAG_STRIP_SPACES) != 0;
     tok.dummy_prefix = !(model.flags & FLAG_NO_DUMMY_PREFIX);
     int seq_len = model.c.seq_len;

@@ -5,6 +5,7 @@
 import hashlib
 import os
 import struct
+import zlib
 
 import numpy as np
 from sentencepiece import SentencePieceProcessor
@@ -57,10 +58,8 @@ class Tokenizer:
             raise UserError(f"tokenizer {self.model_path} has {self.vocab_size} tokens but {what} has "
                             f"{vocab_size}; use the tokenizer the model was trained with")
 
-    def export(self, out_path=None):
-        """Write llama2.c's tokenizer .bin: max token length, then per token score, length and bytes."""
-        out_path = out_path or os.path.splitext(self.model_path)[0] + ".bin"
-        refuse_overwriting(out_path, self.model_path, "tokenizer model")
+    def bin_bytes(self):
+        """llama2.c's tokenizer .bin: max token length, then per token score, length and bytes."""
         pieces, scores = [], np.zeros(self.vocab_size, dtype=np.float32)
         for i in range(self.vocab_size):
             if i == self.bos_id:
@@ -74,8 +73,18 @@ class Tokenizer:
         parts = [struct.pack("<I", max(len(p) for p in pieces))]
         for score, piece in zip(scores, pieces):
             parts += [score.tobytes(), struct.pack("<i", len(piece)), piece]
+        return b"".join(parts)
+
+    def bin_crc32(self):
+        """CRC-32 of bin_bytes(): model .bin headers record it so run.c can tell a wrong tokenizer of the same size."""
+        return zlib.crc32(self.bin_bytes())
+
+    def export(self, out_path=None):
+        """Write bin_bytes() beside the .model (or to out_path)."""
+        out_path = out_path or os.path.splitext(self.model_path)[0] + ".bin"
+        refuse_overwriting(out_path, self.model_path, "tokenizer model")
         with atomic_output(out_path) as f:
-            f.write(b"".join(parts))
+            f.write(self.bin_bytes())
         return out_path
 
 

@@ -1,6 +1,7 @@
 import json
 import os
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -43,7 +44,7 @@ def test_v0_is_llama2c_legacy_layout(tmp_path):
     body = b"".join(t.detach().numpy().astype("<f4").tobytes() for t in expected)
     assert data[28:] == body
     back, info = export.read_bin(path)
-    assert info == {"version": 0, "flags": 0, "group_size": 0, "shared_classifier": True}
+    assert info == {"version": 0, "flags": 0, "group_size": 0, "shared_classifier": True, "tok_crc": 0}
     assert weights_equal(back, model)
 
 
@@ -223,11 +224,14 @@ def test_header_records_eos_and_tokenizer_space_handling(tmp_path, capsys):
                                  (keep_model, False, 0)):
         ckpt = checkpoint(model, tmp_path / "ckpt.pt", eos=eos, tokenizer={"path": tok_path, "vocab_size": 400})
         export.main([str(tmp_path / "m.bin"), f"--checkpoint={ckpt}", "--version=2"])
-        assert export.read_bin(str(tmp_path / "m.bin"))[1]["flags"] == flags
+        info = export.read_bin(str(tmp_path / "m.bin"))[1]
+        assert info["flags"] == flags
+        assert info["tok_crc"] == zlib.crc32(open(Tokenizer(tok_path).export(str(tmp_path / "t.bin")), "rb").read())
     # no tokenizer around (llama2.c's checkpoints record none): llama2.c's behaviour, with a note
     ckpt = checkpoint(model, tmp_path / "ckpt.pt", tokenizer={"path": str(tmp_path / "gone.model"), "vocab_size": 400})
     export.main([str(tmp_path / "m.bin"), f"--checkpoint={ckpt}", "--version=1"])
-    assert export.read_bin(str(tmp_path / "m.bin"))[1]["flags"] == 0
+    info = export.read_bin(str(tmp_path / "m.bin"))[1]
+    assert info["flags"] == info["tok_crc"] == 0
     assert "tokenizer is not available" in capsys.readouterr().err
     # a tokenizer of another vocabulary is refused
     small = tiny(vocab_size=300)
@@ -332,12 +336,15 @@ def test_hf_folder_reads_back_and_exports_the_same_bin(tmp_path, capsys):
     torch.save(hf_weights(tmp_path / "untied"), folder / "pytorch_model.bin")
     assert weights_equal(load_model(str(folder))[0], untied)
     # through the command line: checkpoint -> folder -> .bin is the .bin of the checkpoint, byte for byte
+    # (a model trained without EOS too: the folder names the tokenizer's EOS either way)
     tok_path, _ = train_inference_tokenizer(str(tmp_path), "tok", remove_extra_whitespaces=False)
-    ckpt = checkpoint(tiny(), tmp_path / "ckpt.pt", eos=True, tokenizer={"path": tok_path, "vocab_size": 400})
-    export.main([str(tmp_path / "hf"), f"--checkpoint={ckpt}", "--hf=True"])
-    export.main([str(tmp_path / "direct.bin"), f"--checkpoint={ckpt}", "--version=1"])
-    export.main([str(tmp_path / "via_hf.bin"), f"--checkpoint={tmp_path / 'hf'}", "--version=1"])
-    assert open(tmp_path / "via_hf.bin", "rb").read() == open(tmp_path / "direct.bin", "rb").read()
+    for eos in (True, False):
+        ckpt = checkpoint(tiny(), tmp_path / "ckpt.pt", eos=eos, tokenizer={"path": tok_path, "vocab_size": 400})
+        export.main([str(tmp_path / f"hf{eos}"), f"--checkpoint={ckpt}", "--hf=True"])
+        export.main([str(tmp_path / "direct.bin"), f"--checkpoint={ckpt}", "--version=1"])
+        export.main([str(tmp_path / "via_hf.bin"), f"--checkpoint={tmp_path / f'hf{eos}'}", "--version=1"])
+        assert open(tmp_path / "via_hf.bin", "rb").read() == open(tmp_path / "direct.bin", "rb").read()
+        assert export.read_bin(str(tmp_path / "via_hf.bin"))[1]["flags"] & export.FLAG_EOS == eos
 
 
 def test_export_never_writes_over_a_file_it_reads(tmp_path, capsys):

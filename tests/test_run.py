@@ -398,6 +398,9 @@ def corrupt_files(d, model_bin, tok_bin):
         "negative length": (put("tok_neg.bin", tok[:8] + struct.pack("<i", -5) + tok[12:]), "length"),
         "length past the end": (put("tok_big.bin", tok[:8] + struct.pack("<i", 1 << 30) + tok[12:]), "length"),
         "tiny tokenizer": (put("tok_tiny.bin", b"\1\0"), "not a tokenizer"),
+        # same size, one score changed: gibberish if run.c took it, so the model's header names its tokenizer
+        "another tokenizer of the same size": (put("tok_other.bin", tok[:4] + struct.pack("<f", 1.5) + tok[8:]),
+                                               "is not the one"),
     }
     return models, toks
 

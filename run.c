@@ -1134,9 +1134,11 @@ static void chat(Session *z, const char *cli_user, const char *cli_system, int s
             fflush(stdout);
         }
         int token = user_idx < n_prompt ? prompt[user_idx++] : next;
-        if (token == t->eos) user_turn = 1;
+        int answered = token == t->eos;  /* the answer's EOS goes into the cache; the user speaks next */
+        if (answered) user_turn = 1;
         next = step(z, token, pos, user_idx < n_prompt ? prompt[user_idx] : -1);  /* a prompt token needs no draw */
         pos++;
+        if (answered) continue;  /* what the model would say after its EOS is not shown (llama2.c prints it) */
         if (user_idx >= n_prompt && next != t->eos) print_token(t, token, next);
         if (next == t->eos) printf("\n");
     }
@@ -1179,10 +1181,32 @@ static long long parse_int(const char *s, char flag, long long lo, long long hi)
     return v;
 }
 
-static char *strip(const char *s) {  /* a copy without leading and trailing whitespace, as Python's strip() */
-    while (*s && isspace((unsigned char)*s)) s++;
-    size_t n = strlen(s);
-    while (n > 0 && isspace((unsigned char)s[n - 1])) n--;
+/* The bytes of the whitespace character (Python's str.isspace(), UTF-8) that s[0..n) is, or 0. Every such
+   character is below U+3000, so three bytes at most. */
+static int space_bytes(const unsigned char *s, size_t n) {
+    uint32_t c;
+    if (n == 1 && s[0] < 0x80) c = s[0];
+    else if (n == 2 && (s[0] & 0xe0) == 0xc0 && (s[1] & 0xc0) == 0x80) c = (s[0] & 0x1fu) << 6 | (s[1] & 0x3fu);
+    else if (n == 3 && (s[0] & 0xf0) == 0xe0 && (s[1] & 0xc0) == 0x80 && (s[2] & 0xc0) == 0x80)
+        c = (s[0] & 0x0fu) << 12 | (s[1] & 0x3fu) << 6 | (s[2] & 0x3fu);
+    else return 0;
+    int space = (c >= 0x09 && c <= 0x0d) || (c >= 0x1c && c <= 0x20) || c == 0x85 || c == 0xa0 || c == 0x1680 ||
+                (c >= 0x2000 && c <= 0x200a) || c == 0x2028 || c == 0x2029 || c == 0x202f || c == 0x205f ||
+                c == 0x3000;
+    return space ? (int)n : 0;
+}
+
+/* A copy without leading and trailing whitespace, as Python's strip(), which tokenizer.instruct_prompt uses. */
+static char *strip(const char *text) {
+    const unsigned char *s = (const unsigned char *)text;
+    size_t n = strlen(text);
+    for (int moved = 1; moved;) {
+        moved = 0;
+        for (size_t k = 1; k <= 3 && !moved; k++)
+            if (n >= k && space_bytes(s, k)) s += k, n -= k, moved = 1;
+        for (size_t k = 1; k <= 3 && !moved; k++)
+            if (n >= k && space_bytes(s + n - k, k)) n -= k, moved = 1;
+    }
     char *out = xcalloc(n + 1, 1);
     memcpy(out, s, n);
     return out;
@@ -1221,8 +1245,12 @@ int main(int argc, char **argv) {
     if (!is_gen && !is_instruct && !is_chat && !is_encode)
         die("unknown mode '%s'; choose generate, instruct, chat or encode", mode);
     if (system_prompt && !is_chat) die("-y (system prompt) is only used with -m chat");
-    if (is_instruct && (!prompt || !prompt[strspn(prompt, " \t\n\v\f\r")]))
-        die("-m instruct needs the instruction: -i \"Write a story ...\"");
+    if (is_instruct) {
+        char *instruction = strip(prompt ? prompt : "");
+        int empty = !instruction[0];
+        free(instruction);
+        if (empty) die("-m instruct needs the instruction: -i \"Write a story ...\"");
+    }
 
     Model model;
     load_model(&model, model_path);

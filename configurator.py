@@ -60,6 +60,8 @@ def atomic_output(path, mode="wb"):
     parent = os.path.dirname(path) or "."
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise UserError(f"cannot write {path}: {parent} is a file, not a directory")
+    if os.path.isfile(path) and not os.stat(path).st_mode & 0o222:  # renaming over it would work, even so
+        raise UserError(f"{path} is read-only, so it is not replaced; make it writable (chmod u+w) or write elsewhere")
     os.makedirs(parent, exist_ok=True)
     remove_dead_temporaries(glob.escape(path) + ".tmp*")
     tmp = f"{path}.tmp{os.getpid()}"
@@ -167,6 +169,12 @@ def _nearest(key, keys):
     return f" (did you mean --{close[0]}?)" if close else ""
 
 
+def kind_name(default):
+    """'an int', 'a float', 'a bool', 'a str': what a setting with this default takes."""
+    name = type(default).__name__
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
+
+
 def _parse_value(key, raw, default):
     try:
         value = ast.literal_eval(raw)
@@ -185,7 +193,7 @@ def _parse_value(key, raw, default):
     if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
         return type(default)(value)
     if type(value) is not type(default):
-        raise UserError(f"--{key} expects a {type(default).__name__} (default {default!r}), got {raw!r}")
+        raise UserError(f"--{key} expects {kind_name(default)} (default {default!r}), got {raw!r}")
     return value
 
 
@@ -222,7 +230,7 @@ def configure(namespace, argv=None):
                 default = keys[k]
                 if default is not None and not isinstance(v, type(default)) and not (
                         isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool)):
-                    raise UserError(f"config file {arg}: {k} expects a {type(default).__name__}, got {v!r}")
+                    raise UserError(f"config file {arg}: {k} expects {kind_name(default)}, got {v!r}")
                 namespace[k] = changed[k] = v
         else:
             key, eq, raw = arg[2:].partition("=")

@@ -159,6 +159,10 @@ def write_v2(path, model, flags, tok_crc, group=0):
             parts += [q[layer], scale[layer]]
     _write(path, parts)
     print(f"Q8_0 with group size {group}: largest weight error {max_err:.2e}")
+    if group < 16:  # 1 + 4/group bytes per weight
+        print(f"note: groups of {group} (the largest power of two dividing dim {model.args.dim} and hidden_dim "
+              f"{model.args.hidden_dim}) make this file {(1 + 4 / group) / 4:.0%} of the fp32 size, with a scale "
+              "to apply every few values: expect it to be no faster than --version=1", file=sys.stderr)
 
 
 def _write(path, parts):
@@ -466,6 +470,7 @@ def input_files(path):
 @cli
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    configure(globals(), [a for a in argv if a.startswith("--")])  # first, so "--version 2" is named as the mistake
     outs = [a for a in argv if not a.startswith("--") and not a.endswith(".py")]
     if len(outs) != 1:
         raise UserError("say where to write, once: python export.py OUT.bin --checkpoint=PATH [--version=0|1|2] "

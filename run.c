@@ -48,6 +48,8 @@ static void die(const char *fmt, ...) {
     exit(2);
 }
 
+static const char *plural(long long n) { return n == 1 ? "" : "s"; }
+
 static void *xcalloc(size_t n, size_t size) {
     void *p = n && size ? calloc(n, size) : NULL;
     if (n && size && !p) die("out of memory allocating %zu x %zu bytes", n, size);
@@ -1123,9 +1125,10 @@ static void chat(Session *z, const char *cli_user, const char *cli_system, int s
             free(text);
             if (pos + n_prompt >= steps) {
                 if (pos == 0 && steps < z->m->c.seq_len)
-                    die("the prompt is %d tokens and -n %d leaves no room to answer; shorten it or raise -n (at most "
-                        "%d)", n_prompt, steps, z->m->c.seq_len);
-                if (pos == 0) die("the prompt is %d tokens but the model's context is %d; shorten it", n_prompt, steps);
+                    die("the prompt (%d token%s) fills the -n %d positions, leaving no room to answer; shorten it or "
+                        "raise -n (at most %d)", n_prompt, plural(n_prompt), steps, z->m->c.seq_len);
+                if (pos == 0) die("the prompt (%d token%s) fills the model's context of %d; shorten it", n_prompt, plural(n_prompt),
+                                  steps);
                 fprintf(stderr, "the conversation has reached the context of %d tokens\n", steps);
                 break;
             }
@@ -1284,10 +1287,11 @@ int main(int argc, char **argv) {
         printf("\n");
     } else {
         if (!is_chat && n_tokens >= seq_len)
-            die("the prompt is %d tokens but the model's context is %d; shorten it", n_tokens, seq_len);
+            die("the prompt (%d token%s) fills the model's context of %d; shorten it", n_tokens, plural(n_tokens),
+                seq_len);
         if (!is_chat && n_tokens >= steps)
-            die("the prompt is %d tokens and -n %lld leaves no room to generate; raise -n (at most %d)", n_tokens,
-                steps, seq_len);
+            die("the prompt (%d token%s) fills the -n %lld positions, leaving no room to generate; raise -n (at most "
+                "%d)", n_tokens, plural(n_tokens), steps, seq_len);
         RunState state;
         alloc_state(&state, &model);
         Sampler sampler = {temperature, topp, seed ? seed : time_seed(),

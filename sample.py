@@ -45,7 +45,7 @@ def prompt_text(start_arg):
                 else "no such file")
         raise UserError(f"--start=FILE:{path}: {what}; give a text file")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return f.read()
     except UnicodeDecodeError:
         raise UserError(f"--start=FILE:{path} is not UTF-8 text; save the prompt as UTF-8") from None
@@ -90,6 +90,9 @@ def main(argv=None):
     model, ckpt = load_model(checkpoint, merge=True)
     model = model.to(dev).eval()
     tok = checkpoint_tokenizer(ckpt, tokenizer, model.args.vocab_size, checkpoint)
+    if ckpt.get("mode") == "reward_model":
+        print(f"note: {checkpoint} is a reward model; its stories come from the language model its training moved "
+              "along (the score head is not used)", file=sys.stderr)
     text = prompt_text(start)
     ctx = autocast_context(dev, dtype)
     for i, out in enumerate(sample(model, tok, text, instruct, num_samples, max_new_tokens, temperature, top_k,

@@ -36,7 +36,7 @@ def test_config_file_then_overrides(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--batch_sise=3"], "unknown setting --batch_sise (did you mean --batch_size?)"),
-    (["--batch_size=3.5"], "--batch_size expects a int"),
+    (["--batch_size=3.5"], "--batch_size expects an int"),
     (["--compile=yes"], "--compile expects True or False"),
     (["--max_iters"], "--max_iters needs a value"),
     (["config/nope.py"], "config file not found: config/nope.py"),
@@ -109,6 +109,11 @@ def test_atomic_output_keeps_old_file_on_failure(tmp_path):
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
     with atomic_output(str(target)) as f:
         f.write(b"new")
+    assert target.read_bytes() == b"new"
+    target.chmod(0o444)  # read-only: kept, though renaming over it would work (and would as root, in any case)
+    with pytest.raises(UserError, match="is read-only"):
+        with atomic_output(str(target)) as f:
+            f.write(b"newer")
     assert target.read_bytes() == b"new"
 
 

@@ -165,6 +165,7 @@ def test_cli_exports_every_version(tmp_path, capsys):
     (["a.bin", "--checkpoint=CKPT", "--version=2", "--group_size=48"], "must divide"),
     (["a.bin", "--checkpoint=CKPT", "--version=1", "--group_size=8"], "--group_size is for --version=2"),
     (["a.bin", "--checkpoint=CKPT", "--versoin=1"], "did you mean --version"),
+    (["a.bin", "--checkpoint=CKPT", "--version", "2"], "--version needs a value: write --version=VALUE"),
     (["CKPT", "--checkpoint=CKPT", "--hf=True"], "writes a folder"),
     (["CKPT", "--checkpoint=CKPT", "--version=1"], "is the --checkpoint being read"),
     (["./ckpt.pt", "--checkpoint=CKPT"], "is the --checkpoint being read"),

@@ -29,7 +29,7 @@ def test_greedy_continues_the_prompt_and_stops_at_eos(inference_models, capsys):
 
 def test_instruct_prints_the_story_only(inference_models, tmp_path, capsys):
     prompt_file = tmp_path / "instruction.txt"
-    prompt_file.write_text(INFERENCE_INSTRUCTION + "\n")
+    prompt_file.write_text("\ufeff" + INFERENCE_INSTRUCTION + "\n", encoding="utf-8")  # a BOM, as Notepad writes
     for start in (INFERENCE_INSTRUCTION, f"FILE:{prompt_file}"):
         out = run(capsys, f"--checkpoint={inference_models['trained']}", f"--start={start}", "--instruct=True",
                   "--temperature=0")

@@ -573,7 +573,10 @@ def model_from_checkpoint(ckpt, device="cpu", merge=False, path="checkpoint"):
     if missing or unexpected or wrong:
         detail = (wrong or [f"missing {k}" for k in missing] or [f"unexpected {k}" for k in unexpected])[0]
         raise UserError(f"{path}: weights do not match its model_args ({detail})")
-    broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    heads = {f"{name}.{k}": v for name in ("value_head", "reward_head") if isinstance(ckpt.get(name), dict)
+             for k, v in ckpt[name].items()}  # PPO's value head and a reward model's score head
+    broken = next((k for k, v in {**state, **heads}.items()
+                   if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()), None)
     if broken:
         raise UserError(f"{path}: {broken} holds NaN or infinite values (a training run that diverged); use an "
                         "earlier checkpoint, e.g. best.pt, or train again with a lower learning_rate")

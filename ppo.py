@@ -36,6 +36,7 @@ import sys
 import textwrap
 import time
 from contextlib import nullcontext
+from fractions import Fraction
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,7 +57,7 @@ tokenizer = ""  # its sentencepiece .model; default: the one the checkpoint name
 out = ""  # label: the JSONL preference file to append to
 auto = ""  # label: a reward spec that answers instead of a person (e.g. words); ties when scores are equal
 num_pairs = 0  # label: stop after this many pairs in the file (0: until q, or end of input)
-reward = "words"  # eval: the reward spec to report
+reward = ""  # eval: the reward spec to report; "" = words for instruct prompts, length for story starts
 num_prompts = 200  # eval: held-out prompts
 data_dir = tinystories.DATA_DIR
 prompts = "auto"  # plain | instruct | auto (instruct for a model fine-tuned on instructions)
@@ -70,7 +71,7 @@ device = "cpu"
 # -----------------------------------------------------------------------------
 
 SUBCOMMANDS = ("label", "eval")
-ANSWERS = {"a": "a", "b": "b", "t": "tie", "s": "skip", "q": "quit"}
+ANSWERS = {"a": "a", "b": "b", "t": "tie", "tie": "tie", "s": "skip", "skip": "skip", "q": "quit", "quit": "quit"}
 
 
 # ----------------------------------------------------------------------------- the model with a scalar head
@@ -255,11 +256,11 @@ REWARD_TERM = re.compile(r"\s*(?:([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\
 def parse_reward(spec, flag="reward"):
     """[(weight, name)] of a reward spec: terms such as length, 0.5*words or model:out-rm/ckpt.pt joined by +."""
     terms = []
-    for part in spec.split("+"):
+    for part in re.split(r"(?<![0-9.][eE])\+", spec):  # not the + of an exponent, as in 1e+1*length
         m = REWARD_TERM.fullmatch(part)
         if not m or not math.isfinite(float(m.group(1) or 1)):
             raise UserError(f"--{flag}={spec!r}: cannot read {part.strip()!r}; write terms such as length, "
-                            "0.5*words or model:out-rm/ckpt.pt joined by +")
+                            "0.5*words or model:out-rm/ckpt.pt joined by + (a negative weight: length+-0.5*words)")
         terms.append((float(m.group(1)) if m.group(1) else 1.0, m.group(2)))
     return terms
 
@@ -297,8 +298,9 @@ def load_reward_model(path, tok, prompts_kind, max_len=None, tokenizer_sha256=No
     recorded = ckpt.get("tokenizer") or {}
     if recorded.get("vocab_size", tok.vocab_size) != tok.vocab_size or (
             recorded.get("sha256") and tokenizer_sha256 and recorded["sha256"] != tokenizer_sha256):
+        same = recorded.get("path") and os.path.abspath(recorded["path"]) == os.path.abspath(tok.model_path)
         raise UserError(f"model:{path} was trained with tokenizer {recorded.get('path')}, another vocabulary than "
-                        f"the policy's {tok.model_path}")
+                        f"the policy's {tok.model_path}" + (" (the same file, retrained since)" if same else ""))
     trained_on = default_prompts(ckpt)
     if trained_on != prompts_kind:
         raise UserError(f"model:{path} scores stories for {trained_on} prompts but this run uses {prompts_kind} "
@@ -690,11 +692,13 @@ def pair_tokens(row, tok, where, max_len):
 
 
 def split_pairs(pairs, val_fraction, path="the preference file"):
-    """(train, val): every round(1 / val_fraction)-th pair is held out."""
+    """(train, val): pair i is held out when the count ceil(i * val_fraction) steps up at it, so val_fraction = 1/k
+    holds out pairs 0, k, 2k..., and pairs appended to the file later never move from one side to the other."""
     if not 0 < val_fraction <= 0.5:
         raise UserError(f"--val_fraction must be above 0 and at most 0.5 (every other pair), got {val_fraction}")
-    every = max(2, round(1 / val_fraction))
-    train, val = [p for i, p in enumerate(pairs) if i % every], pairs[::every]
+    share = Fraction(val_fraction).limit_denominator(10 ** 6)  # exact: 30 * 0.1 is not 3 in floats
+    held = [math.ceil(i * share) < math.ceil((i + 1) * share) for i in range(len(pairs))]
+    train, val = [p for p, h in zip(pairs, held) if not h], [p for p, h in zip(pairs, held) if h]
     if not train:
         raise UserError(f"{path} has {len(pairs)} pair(s): too few to hold some out; label more")
     return train, val
@@ -790,11 +794,13 @@ def answered(path):
 
 def side_by_side(left, right, width):
     """Two texts in columns of the terminal's width."""
-    col = max(20, (width - 3) // 2)
+    col = (width - 3) // 2
 
-    def wrap(text):
-        return [line for para in text.split("\n") for line in (textwrap.wrap(para, col) or [""])]
-    a, b = wrap(left), wrap(right)
+    def wrap(text, cols):
+        return [line for para in text.split("\n") for line in (textwrap.wrap(para, cols) or [""])]
+    if col < 20:  # too narrow for two columns: one story above the other
+        return "\n".join(wrap(left, max(width, 20)) + [""] + wrap(right, max(width, 20)))
+    a, b = wrap(left, col), wrap(right, col)
     a += [""] * (len(b) - len(a))
     b += [""] * (len(a) - len(b))
     return "\n".join(f"{x:<{col}} | {y}" for x, y in zip(a, b))
@@ -803,7 +809,7 @@ def side_by_side(left, right, width):
 def ask(index, prompt, stories, read, write):
     """Show a pair and return the person's answer: a, b, tie, skip or quit (quit also at the end of input)."""
     width = shutil.get_terminal_size((100, 24)).columns
-    write.write(f"\n=== pair {index} === {prompt}\n")
+    write.write("\n" + textwrap.fill(f"=== pair {index} === {prompt}", max(width, 20)) + "\n")
     write.write(side_by_side(*(f"[{k}] {s}" for k, s in zip("ab", stories)), width) + "\n")
     while True:
         write.write("better story? a / b / t(ie) / s(kip) / q(uit): ")
@@ -812,9 +818,10 @@ def ask(index, prompt, stories, read, write):
         if not line:
             write.write("\n")
             return "quit"
-        answer = ANSWERS.get(line.strip().lower()[:1])
+        answer = ANSWERS.get(line.strip().lower())
         if answer:
             return answer
+        write.write(f"{line.strip()!r} is not an answer: type a, b, t, s or q\n")
 
 
 def label(model, tok, stream, path, max_new_tokens, stop_tokens, num_pairs=0, auto_reward=None, seed=0,
@@ -876,8 +883,9 @@ def main(argv=None):
     command = configure_subcommand(globals(), SUBCOMMANDS, argv)
     if not checkpoint:
         raise UserError("say which model writes the stories: --checkpoint=out-sft/ckpt.pt")
-    if max_new_tokens < 1 or batch_size < 1 or num_prompts < 1 or num_pairs < 0:
-        raise UserError("--max_new_tokens, --batch_size and --num_prompts must be positive, --num_pairs not negative")
+    if max_new_tokens < 1 or batch_size < 1 or num_prompts < 1 or num_pairs < 0 or show < 0:
+        raise UserError("--max_new_tokens, --batch_size and --num_prompts must be positive, --num_pairs and --show "
+                        "not negative")
     if command == "label" and not out:
         raise UserError("say where the answers go: --out=data/prefs.jsonl")
     model, ckpt = load_model(checkpoint, merge=True)
@@ -904,14 +912,15 @@ def main(argv=None):
                         chunk=max(1, batch_size // 2))
         print(f"{written} answer(s) appended to {out}; it now reaches pair {answered(out)}")
         return
-    score = make_reward(reward, tok, kind, target_len, stops, model.args.max_seq_len, sha,
+    spec = reward or ("words" if instruct else "length")
+    score = make_reward(spec, tok, kind, target_len, stops, model.args.max_seq_len, sha,
                         prompt_style=meta.get("prompt_style"))
     stream = PromptStream(kind, "val", batch_size, data_vocab, start_len, seed, data_dir=data_dir,
                           max_len=model.args.max_seq_len)
     batches = [next(stream) for _ in range(-(-num_prompts // batch_size))]
     batches[-1] = batches[-1][:num_prompts - batch_size * (len(batches) - 1)]
     result, samples = evaluate_policy(model, tok, batches, score, max_new_tokens, stops, seed)
-    print(f"{checkpoint}: {num_prompts} held-out {kind} prompts | reward {reward}: {result['score']:.4f} | "
+    print(f"{checkpoint}: {num_prompts} held-out {kind} prompts | reward {spec}: {result['score']:.4f} | "
           f"length {result['length']:.1f} | ended {result['ended']:.1%}"
           + (f" | all words used {result['all_words']:.1%} | words used {result['word_share']:.1%}"
              if "all_words" in result else ""))

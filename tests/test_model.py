@@ -358,6 +358,10 @@ def test_checkpoint_with_weights_that_are_not_finite_is_an_error(value):
     state["layers.1.feed_forward.w2.weight"][3, 4] = value
     with pytest.raises(UserError, match="layers.1.feed_forward.w2.weight holds NaN or infinite"):
         model_from_checkpoint({"model": state, "model_args": vars(model.args)})
+    head = {"weight": torch.tensor([[1.0, value]]), "bias": torch.zeros(1)}  # PPO's and the reward model's heads
+    for name in ("value_head", "reward_head"):
+        with pytest.raises(UserError, match=f"{name}.weight holds NaN or infinite"):
+            model_from_checkpoint({"model": tiny().state_dict(), "model_args": vars(model.args), name: head})
 
 
 def test_generate_from_weights_that_are_not_finite_is_an_error():

@@ -210,6 +210,7 @@ def test_reward_spec_parser():
     assert ppo.parse_reward("length+0.5*words") == [(1.0, "length"), (0.5, "words")]
     assert ppo.parse_reward(" 2 * model:out-rm/ckpt.pt + -1e-1*length") == [(2.0, "model:out-rm/ckpt.pt"),
                                                                             (-0.1, "length")]
+    assert ppo.parse_reward("1e+1*length+2E+0*words") == [(10.0, "length"), (2.0, "words")]
     for bad in ("", "lenght", "0.5*", "length+", "words*2", "model:", "half*words"):
         with pytest.raises(UserError, match="cannot read"):
             ppo.parse_reward(bad)
@@ -423,6 +424,10 @@ def test_preference_files_with_tokens_and_split():
     pairs = [{"chosen": [1, 2], "rejected": [1, 3], "tie": False} for _ in range(25)]
     train_pairs, val_pairs = ppo.split_pairs(pairs, 0.1)
     assert len(val_pairs) == 3 and len(train_pairs) == 22
+    for share in (0.1, 0.35, 0.4, 0.45, 0.5):  # the asked share, not 1 / round(1 / share)
+        assert len(ppo.split_pairs(list(range(1000)), share)[1]) == round(1000 * share)
+    held = ppo.split_pairs(list(range(1000)), 0.1)[1]
+    assert held[:3] == [0, 10, 20] and ppo.split_pairs(list(range(1200)), 0.1)[1][:100] == held  # appends stay put
     row = {"prompt": "p", "chosen": "c", "rejected": "r", "prompt_tokens": [5, 1], "chosen_tokens": [7, 2],
            "rejected_tokens": [9, 9, 9]}
     assert ppo.pair_tokens(row, tok_vocab, "here", 10) == {"chosen": [5, 1, 7, 2], "rejected": [5, 1, 9, 9, 9],
@@ -443,10 +448,11 @@ def label_argv(pretrained, story_data, out, *more):
 def test_label_through_stdin_appends_each_answer_and_resumes(story_data, pretrained, tmp_path, monkeypatch):
     out = str(tmp_path / "prefs.jsonl")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "ppo.py"), *label_argv(pretrained, story_data, out)],
-                            input="a\nb\nmaybe\nt\ns\nq\n", capture_output=True, text=True, timeout=120,
+                            input="a\nbogus\nB\nmaybe\nTie\ns\nq\n", capture_output=True, text=True, timeout=120,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("=== pair") == 5 and "[a]" in result.stdout and " | " in result.stdout
+    assert "'bogus' is not an answer: type a, b, t, s or q" in result.stdout  # not b, its first letter
     with open(out) as f:
         lines = [json.loads(line) for line in f]
     assert [r["index"] for r in lines] == [0, 1, 2, 3]
@@ -552,7 +558,8 @@ def test_label_refuses_an_out_file_that_is_not_its_answers(story_data, pretraine
 
 
 def test_eval_reports_scores_on_held_out_prompts(story_data, pretrained, capsys, tmp_path):
-    ppo.main(["eval", f"--checkpoint={pretrained}", f"--data_dir={story_data}", "--reward=length", "--target_len=20",
+    # with no --reward, story starts are scored by length (words needs instructions)
+    ppo.main(["eval", f"--checkpoint={pretrained}", f"--data_dir={story_data}", "--target_len=20",
               "--num_prompts=6", "--batch_size=4", "--max_new_tokens=16", "--show=2"])
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{pretrained}: 6 held-out plain prompts | reward length: -0.")
@@ -582,3 +589,11 @@ def test_eval_reports_scores_on_held_out_prompts(story_data, pretrained, capsys,
     assert "--tokenizer=PATH.model" in one_error_line(capsys, ppo.main, argv)
     ppo.main([*argv, f"--tokenizer={tok.model_path}"])
     assert capsys.readouterr().out.startswith(f"{other}: 2 held-out plain prompts")
+
+
+def test_pairs_are_shown_side_by_side_or_stacked_on_narrow_terminals():
+    wide = ppo.side_by_side("[a] " + "one two " * 20, "[b] short", 80).splitlines()
+    assert all(len(line) <= 80 and " | " in line for line in wide)
+    narrow = ppo.side_by_side("[a] " + "one two " * 5, "[b] short", 30).splitlines()
+    assert all(len(line) <= 30 and " | " not in line for line in narrow)
+    assert narrow[0].startswith("[a] one") and narrow[-1] == "[b] short"

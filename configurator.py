@@ -37,6 +37,9 @@ def cli(main):
             return main(*args, **kwargs)
         except UserError as e:
             fail(str(e))
+        except BrokenPipeError:  # the reader of our output went away (| head): stop quietly, as other tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting's flush fails no more
+            sys.exit(1)
         except OSError as e:
             if e.filename is None:
                 raise

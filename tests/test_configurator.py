@@ -191,3 +191,13 @@ def test_each_configure_starts_from_the_defaults():
     configure(ns, ["--batch_size=3"])
     configure(ns, ["--max_iters=5"])
     assert ns["batch_size"] == 8 and ns["max_iters"] == 5
+
+
+def test_output_to_a_closed_pipe_stops_quietly():
+    program = ("import sys; sys.path.insert(0, sys.argv[1]); from configurator import cli\n"
+               "cli(lambda: [print('story ' * 100) for _ in range(100000)])()\n")
+    p = subprocess.Popen([sys.executable, "-c", program, ROOT], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.readline()
+    p.stdout.close()  # as `| head -1` does
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 1 and err == "", err

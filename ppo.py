@@ -34,10 +34,11 @@ import re
 import shutil
 import sys
 import textwrap
+import hashlib
 import time
 from contextlib import nullcontext
-from fractions import Fraction
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 
 import tinystories
 from configurator import UserError, cli, configure_subcommand, require_file
-from model import load_model, model_from_checkpoint, pick_device, read_checkpoint, without_stop
+from model import load_model, model_from_checkpoint, pick_device, read_checkpoint, weights_checksum, without_stop
 from tokenizer import checkpoint_tokenizer, default_prompts, instruct_prompt
 
 # -----------------------------------------------------------------------------
@@ -337,7 +338,8 @@ def last_token_scores(model, sequences, batch_size=64, ctx=nullcontext()):
 
 def make_reward(spec, tok, prompts_kind, target=200, stop_tokens=(), max_len=None, tokenizer_sha256=None,
                 ctx=nullcontext(), flag="reward", prompt_style="default"):
-    """A function scoring rollouts by a reward spec: (prompts, responses) -> (scores (N,), {term: mean}).
+    """A function scoring rollouts by a reward spec: (prompts, responses) -> (scores (N,), {term: mean}); its
+    attribute checksums is {term: weights checksum} of the reward models it loaded.
 
     max_len: the longest query + response; tokenizer_sha256: the policy's tokenizer, checked against a reward
     model's; flag: the setting the spec came from, named in errors; prompt_style: the instruct data's."""
@@ -367,6 +369,7 @@ def make_reward(spec, tok, prompts_kind, target=200, stop_tokens=(), max_len=Non
                  for _, name, model in terms}
         total = sum(weight * parts[name] for weight, name, _ in terms)
         return total, {name: v.mean().item() for name, v in parts.items()}
+    score.checksums = {name: weights_checksum(model) for _, name, model in terms if model is not None}
     return score
 
 
@@ -635,6 +638,34 @@ def preference_prompts(path, bos_id, asked="auto"):
     if asked not in ("auto", kind):
         raise UserError(f"--prompts={asked} but the pairs of {path} answer {kind} prompts; leave --prompts out")
     return kind
+
+
+def file_record(path):
+    """{"bytes", "sha256"} of a file as it is now, so that a resumed run can tell whether it changed or only grew."""
+    size = os.path.getsize(path)
+    return {"bytes": size, "sha256": prefix_sha256(path, size)}
+
+
+def prefix_sha256(path, size):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while size > 0:
+            chunk = f.read(min(size, 1 << 20))
+            if not chunk:
+                break
+            h.update(chunk)
+            size -= len(chunk)
+    return h.hexdigest()
+
+
+def preferences_grown(path, record):
+    """Bytes appended to a preference file since record (file_record's) was taken: pairs labelled since, which a
+    resumed reward-model run trains on too. A file changed otherwise is refused."""
+    size = os.path.getsize(path)
+    if size < record["bytes"] or prefix_sha256(path, record["bytes"]) != record["sha256"]:
+        raise UserError(f"{path} has changed since this reward model last saved (pairs edited, removed or reordered, "
+                        "not only appended): restore it, or train a new reward model from the start")
+    return size - record["bytes"]
 
 
 def preference_rows(path):

@@ -655,9 +655,17 @@ def ppo_recipe(run, ckpt, ckpt_path):
     kl_ctl = rlhf.KLController(kl_coef, kl_target if kl_control == "adaptive" else None, kl_horizon)
     score = rlhf.make_reward(reward, tok, prompts, target_len, stops, max_seq_len, run.meta.get("tokenizer_sha256"),
                              run.ctx, prompt_style=run.meta.get("prompt_style"))
+    retrained = [name for name, checksum in score.checksums.items()
+                 if init_from == "resume" and ckpt.get("reward_models", {}).get(name, checksum) != checksum]
+    if retrained:  # iterated RLHF retrains the reward model on purpose; scores from before do not compare
+        ckpt["best_val_loss"] = float("inf")  # what the resume below restores: best.pt is judged afresh
+        if run.master:
+            print(f"note: {', '.join(retrained)} changed since this run last saved: its scores are the reward from "
+                  "here on, and best.pt is chosen by them")
     settings = rlhf.PPOSettings(**{f.name: globals()[f.name] for f in dataclasses.fields(rlhf.PPOSettings)})
     val_batches = [next(make_batches("val"))]
-    run.extra_state = lambda: {"value_head": run.head.state_dict(), "kl_coef": kl_ctl.value, "reference": record}
+    run.extra_state = lambda: {"value_head": run.head.state_dict(), "kl_coef": kl_ctl.value, "reference": record,
+                               "reward_models": score.checksums}
 
     def update(loss):
         run.scaler.scale(loss).backward()
@@ -707,7 +715,8 @@ def reward_model_recipe(run):
     accuracy)."""
     val_pairs = run.batches.held_out  # read with the training pairs: the file is parsed once
     scorer = rlhf.TransformerWithHead(run.raw_model, run.head)
-    run.extra_state = lambda: {"reward_head": run.head.state_dict()}
+    record = rlhf.file_record(preferences)  # a resume checks it (run_training)
+    run.extra_state = lambda: {"reward_head": run.head.state_dict(), "preferences": record}
 
     def step(run):
         return train_step(run.model, run.optimizer, run.batches, run.accum_steps, run.device, run.ctx, run.scaler,
@@ -789,7 +798,12 @@ def main(argv=None):
 def run_training(ckpt, ckpt_path, rank, local_world, world_size, dev):
     mode = mode_name()
     meta = read_data_meta(ckpt)
-    if mode == "reward_model" and init_from != "resume":  # the prompts it scores stories for, recorded for PPO
+    if mode == "reward_model":
+        if init_from == "resume" and "preferences" in ckpt and rlhf.preferences_grown(preferences, ckpt["preferences"]) \
+                and rank == 0:
+            print(f"note: {preferences} has grown since this run last saved; the pairs labelled since join the "
+                  "training (held-out pairs stay held out)")
+        # the prompts it scores stories for, recorded for PPO (on resume: pairs appended since are of that kind too)
         globals()["prompts"] = rlhf.preference_prompts(preferences, Tokenizer(meta["tokenizer"]).bos_id, prompts)
     tinystories.check_tokenizer(meta, (ckpt or {}).get("tokenizer"), vocab_size, ckpt_path,
                                 tinystories.pretok_dir(data_vocab(), uses_instruct_data(), data_dir))

@@ -385,6 +385,35 @@ def test_reward_model_learns_a_synthetic_preference(story_data, pretrained, tmp_
     assert scores[0] > scores[1]
 
 
+def test_resumed_rlhf_runs_notice_changed_preferences_and_reward_models(story_data, pretrained, tmp_path, capsys):
+    prefs, rm = str(tmp_path / "prefs.jsonl"), str(tmp_path / "rm")
+    ppo.main(label_argv(pretrained, story_data, prefs, "--auto=length", "--target_len=10", "--num_pairs=24"))
+    train.main(["--reward_model=True", f"--preferences={prefs}", f"--init_from={pretrained}", f"--out_dir={rm}",
+                "--batch_size=4", "--eval_interval=2", "--max_iters=2"])
+    lines = open(prefs).read().splitlines(keepends=True)
+    with open(prefs, "a") as f:  # pairs labelled since: a resumed run trains on them too
+        f.write(lines[0])
+    capsys.readouterr()
+    train.main(["--init_from=resume", f"--out_dir={rm}", "--max_iters=4"])
+    assert "has grown since this run last saved" in capsys.readouterr().out
+    open(prefs, "w").write("".join(reversed(lines)))  # reordered: held-out pairs would join the training
+    assert "has changed since this reward model last saved" in one_error_line(
+        capsys, train.main, ["--init_from=resume", f"--out_dir={rm}", "--max_iters=6"])
+    # PPO against it, resumed after the reward model was retrained in place: said, and best.pt chosen afresh
+    out, rm_ckpt = str(tmp_path / "ppo"), os.path.join(rm, "ckpt.pt")
+    train.main(ppo_args(story_data, pretrained, out, f"--reward=model:{rm_ckpt}", "--max_iters=1"))
+    ckpt = read_checkpoint(rm_ckpt)
+    ckpt["reward_head"]["bias"] += 1.0
+    save_checkpoint(ckpt, rm_ckpt)
+    capsys.readouterr()
+    train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=2"])
+    assert f"model:{rm_ckpt} changed since this run last saved" in capsys.readouterr().out
+    recorded = read_checkpoint(os.path.join(out, "ckpt.pt"))["reward_models"]
+    assert recorded == ppo.make_reward(f"model:{rm_ckpt}", Tokenizer(ckpt["tokenizer"]["path"]), "plain").checksums
+    train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=3"])  # unchanged since: nothing to say
+    assert "changed since" not in capsys.readouterr().out
+
+
 def test_paths_in_rlhf_settings_are_recorded_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # so that a run resumes, and compares its settings, from any directory
     settings = {"reward": "length+0.5*model:rm/ckpt.pt", "preferences": "prefs.jsonl"}

@@ -172,7 +172,8 @@ def _write(path, parts):
             f.write(part if isinstance(part, bytes) else np.ascontiguousarray(part).data)
 
 
-WRITERS = {0: write_v0, 1: write_v1, 2: write_v2}  # a new format is one more function taking (path, model, flags, tok_crc)
+# a new format is one more function taking (path, model, flags, tok_crc)
+WRITERS = {0: write_v0, 1: write_v1, 2: write_v2}
 
 HF_NAMES = {  # a layer's parameters: ours -> transformers' Llama
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",

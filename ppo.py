@@ -27,6 +27,7 @@ Preference files are JSON lines {"prompt", "chosen", "rejected"} (texts; "tie": 
 tokens in "prompt_tokens", "chosen_tokens", "rejected_tokens" when label wrote them; without those, the prompt is
 read as an instruction and each story is encoded in the instruct layout, ending with EOS.
 """
+import hashlib
 import json
 import math
 import os
@@ -34,7 +35,6 @@ import re
 import shutil
 import sys
 import textwrap
-import hashlib
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass

@@ -1127,8 +1127,9 @@ static void chat(Session *z, const char *cli_user, const char *cli_system, int s
                 if (pos == 0 && steps < z->m->c.seq_len)
                     die("the prompt (%d token%s) fills the -n %d positions, leaving no room to answer; shorten it or "
                         "raise -n (at most %d)", n_prompt, plural(n_prompt), steps, z->m->c.seq_len);
-                if (pos == 0) die("the prompt (%d token%s) fills the model's context of %d; shorten it", n_prompt, plural(n_prompt),
-                                  steps);
+                if (pos == 0)
+                    die("the prompt (%d token%s) fills the model's context of %d; shorten it", n_prompt,
+                        plural(n_prompt), steps);
                 fprintf(stderr, "the conversation has reached the context of %d tokens\n", steps);
                 break;
             }

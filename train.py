@@ -799,8 +799,9 @@ def run_training(ckpt, ckpt_path, rank, local_world, world_size, dev):
     mode = mode_name()
     meta = read_data_meta(ckpt)
     if mode == "reward_model":
-        if init_from == "resume" and "preferences" in ckpt and rlhf.preferences_grown(preferences, ckpt["preferences"]) \
-                and rank == 0:
+        grown = init_from == "resume" and "preferences" in ckpt and rlhf.preferences_grown(preferences,
+                                                                                        ckpt["preferences"])
+        if grown and rank == 0:
             print(f"note: {preferences} has grown since this run last saved; the pairs labelled since join the "
                   "training (held-out pairs stay held out)")
         # the prompts it scores stories for, recorded for PPO (on resume: pairs appended since are of that kind too)

@@ -63,8 +63,7 @@ def atomic_output(path, mode="wb"):
     parent = os.path.dirname(path) or "."
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise UserError(f"cannot write {path}: {parent} is a file, not a directory")
-    if os.path.isfile(path) and not os.stat(path).st_mode & 0o222:  # renaming over it would work, even so
-        raise UserError(f"{path} is read-only, so it is not replaced; make it writable (chmod u+w) or write elsewhere")
+    refuse_read_only(path)
     os.makedirs(parent, exist_ok=True)
     remove_dead_temporaries(glob.escape(path) + ".tmp*")
     tmp = f"{path}.tmp{os.getpid()}"
@@ -77,6 +76,12 @@ def atomic_output(path, mode="wb"):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def refuse_read_only(path):
+    """Refuse to replace a file someone made read-only: atomic_output's rename would go through regardless."""
+    if os.path.isfile(path) and not os.stat(path).st_mode & 0o222:
+        raise UserError(f"{path} is read-only, so it is not replaced; make it writable (chmod u+w) or write elsewhere")
 
 
 def refuse_overwriting(out_path, in_path, flag):

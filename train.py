@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import ppo as rlhf
 import tinystories
 from configurator import UserError, atomic_output, cli, configure, current_config, refuse_overwriting, \
-    remove_dead_temporaries
+    refuse_read_only, remove_dead_temporaries
 from model import ModelArgs, Transformer, apply_lora, autocast_context, lora_state_dict, model_from_checkpoint, \
     pick_device, read_checkpoint, save_checkpoint, weights_checksum
 from tokenizer import Tokenizer, default_prompts
@@ -261,8 +261,9 @@ def check_settings(changed):
         raise UserError("--max_iters and --warmup_iters must not be negative")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir={out_dir} is a file; give a directory for checkpoints and metrics")
-    if init_from not in ("scratch", "resume") and not eval_only:  # a fresh run writes ckpt.pt and best.pt here
-        for name in ("ckpt.pt", "best.pt"):
+    for name in ("ckpt.pt", "best.pt") if not eval_only else ():  # found now, not at the first save
+        refuse_read_only(os.path.join(out_dir, name))
+        if init_from not in ("scratch", "resume"):
             refuse_overwriting(os.path.join(out_dir, name), init_from, "--init_from")
     if vocab_size <= 0:
         raise UserError(f"--vocab_size must be positive, got {vocab_size}")

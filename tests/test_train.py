@@ -383,6 +383,12 @@ def test_bad_input_is_one_line_and_exit_2(story_data, pretrained, tmp_path, caps
             capsys, [f"--data_dir={story_data}", f"--out_dir={pretrained}", f"--init_from={pretrained}/{name}",
                      "--sft=True", "--lora_rank=4"])
         assert open(os.path.join(pretrained, name), "rb").read() == before
+    # a read-only checkpoint in out_dir: refused at the start, not at the first save after the work
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "ckpt.pt").write_bytes(b"kept")
+    (locked / "ckpt.pt").chmod(0o444)
+    assert "is read-only" in one_error_line(capsys, [f"--data_dir={story_data}", f"--out_dir={locked}"])
     # memory, refused before anything is allocated
     line = one_error_line(capsys, [*data, "--batch_size=1000000", "--max_seq_len=512"])
     assert "GiB" in line and "--batch_size" in line

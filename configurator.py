@@ -9,6 +9,7 @@ line on stderr and exit status 2.
 import ast
 import contextlib
 import ctypes
+import errno
 import difflib
 import functools
 import glob
@@ -41,6 +42,8 @@ def cli(main):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting's flush fails no more
             sys.exit(1)
         except OSError as e:
+            if e.errno == errno.ENOSPC:  # a full disk: often stdout redirected to a file, which names no file
+                fail(f"{e.strerror}{': ' + e.filename if e.filename else ''}; free some space and run again")
             if e.filename is None:
                 raise
             # a path the user chose that cannot be read or written: a permission, a directory, a full disk

@@ -37,7 +37,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from configurator import UserError, atomic_output, cli, configure, read_json, refuse_overwriting
+from configurator import UserError, atomic_output, cli, configure, read_json, refuse_overwriting, refuse_read_only
 from model import load_model
 from tokenizer import Tokenizer, checkpoint_tokenizer, default_prompts
 
@@ -218,6 +218,8 @@ def write_hf(folder, model, tok=None, prompts="plain", eos=False):
               "trained_with_eos": eos}
     if tok is not None:
         config.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    for name in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"):
+        refuse_read_only(os.path.join(folder, name))  # before any is written: no folder half old, half new
     with atomic_output(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     write_safetensors(os.path.join(folder, "model.safetensors"), weights)

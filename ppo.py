@@ -732,6 +732,8 @@ def split_pairs(pairs, val_fraction, path="the preference file"):
     train, val = [p for p, h in zip(pairs, held) if not h], [p for p, h in zip(pairs, held) if h]
     if not train:
         raise UserError(f"{path} has {len(pairs)} pair(s): too few to hold some out; label more")
+    if not val:
+        raise UserError(f"--val_fraction={val_fraction} holds out none of the {len(pairs)} pairs; raise it")
     return train, val
 
 

@@ -897,8 +897,8 @@ static void print_token(const Tokenizer *t, int prev, int token) {
         if (b < 0x80 && !isprint(b) && !isspace(b)) return;
         p = &byte, n = 1;
     }
-    fwrite(p, 1, n, stdout);
-    fflush(stdout);
+    if (fwrite(p, 1, n, stdout) != (size_t)n || fflush(stdout) != 0)  /* a full disk, or a closed pipe */
+        die("cannot write the output (%s)", strerror(errno));
 }
 
 /* ------------------------------------------------------------------------------------------ sampling */
@@ -1194,6 +1194,7 @@ static int space_bytes(const unsigned char *s, size_t n) {
     else if (n == 3 && (s[0] & 0xf0) == 0xe0 && (s[1] & 0xc0) == 0x80 && (s[2] & 0xc0) == 0x80)
         c = (s[0] & 0x0fu) << 12 | (s[1] & 0x3fu) << 6 | (s[2] & 0x3fu);
     else return 0;
+    if ((n == 2 && c < 0x80) || (n == 3 && c < 0x800)) return 0;  /* an overlong form is not UTF-8: bytes kept */
     int space = (c >= 0x09 && c <= 0x0d) || (c >= 0x1c && c <= 0x20) || c == 0x85 || c == 0xa0 || c == 0x1680 ||
                 (c >= 0x2000 && c <= 0x200a) || c == 0x2028 || c == 0x2029 || c == 0x202f || c == 0x205f ||
                 c == 0x3000;
@@ -1316,5 +1317,6 @@ int main(int argc, char **argv) {
     free(tokens);
     free_tokenizer(&tok);
     free_model(&model);
+    if (fflush(stdout) != 0 || ferror(stdout)) die("cannot write the output (%s)", strerror(errno));
     return 0;
 }

@@ -103,6 +103,12 @@ def checkpoint_tokenizer(ckpt, path_override, vocab_size, ckpt_path, required=Tr
                         "path from another directory?): pass --tokenizer=PATH.model")
     tok = Tokenizer(path)
     tok.check_vocab(vocab_size, f"the model of {ckpt_path}")
+    recorded = ckpt.get("tokenizer") or {}
+    if recorded.get("sha256") and recorded["sha256"] != tok.vocab_sha256():  # same size, other pieces: gibberish
+        same = recorded.get("path") and os.path.abspath(recorded["path"]) == os.path.abspath(path)
+        raise UserError(f"tokenizer {path} is not the one {ckpt_path} was trained with (another vocabulary of the "
+                        f"same size{', the same file retrained since' if same else ''}): pass --tokenizer= the "
+                        ".model it was trained with")
     return tok
 
 

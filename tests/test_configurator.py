@@ -201,3 +201,12 @@ def test_output_to_a_closed_pipe_stops_quietly():
     p.stdout.close()  # as `| head -1` does
     err = p.stderr.read().decode()
     assert p.wait(timeout=60) == 1 and err == "", err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device that is always full")
+def test_output_to_a_full_disk_is_one_line():
+    program = ("import sys; sys.path.insert(0, sys.argv[1]); from configurator import cli\n"
+               "cli(lambda: print('story ' * 10000))()\n")
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-c", program, ROOT], stdout=full, stderr=subprocess.PIPE, text=True)
+    assert r.returncode == 2 and r.stderr == "error: No space left on device; free some space and run again\n"

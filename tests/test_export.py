@@ -241,6 +241,14 @@ def test_header_records_eos_and_tokenizer_space_handling(tmp_path, capsys):
         export.main([str(tmp_path / "bad.bin"), f"--checkpoint={ckpt}"])
     assert f"has 400 tokens but the model of {ckpt} has 300" in capsys.readouterr().err
     assert Tokenizer(strip_model).vocab_size == 400
+    # and one of the same size but another vocabulary, here the recorded file retrained since (the header would
+    # name the wrong tokenizer for run.c)
+    ckpt = checkpoint(model, tmp_path / "ckpt.pt", tokenizer={"path": strip_model, "vocab_size": 400,
+                                                              "sha256": "0" * 64})
+    with pytest.raises(SystemExit):
+        export.main([str(tmp_path / "bad.bin"), f"--checkpoint={ckpt}"])
+    assert (f"tokenizer {strip_model} is not the one {ckpt} was trained with (another vocabulary of the same size, "
+            "the same file retrained since)") in capsys.readouterr().err
 
 
 def hf_rope(x, cos, sin):

@@ -249,6 +249,10 @@ def test_instruct_mode_prints_the_story_only(binaries, inference_models, exporte
         assert list(fed[:len(expected_prompt)]) == expected_prompt
         assert chosen[-1] == tok.eos_id  # generated until EOS; the context (128) was not the limit
         assert len(fed) < 128
+    # an overlong encoding of a space is not UTF-8, so not whitespace: kept, as Python keeps it
+    r = run_c(binaries["run"][0], exported["trained", 0], "-z", inference_models["tokenizer_bin"], "-m", "instruct",
+              "-t", "0", "-i", os.fsdecode(b"\xc0\xa0"))
+    assert r.returncode == 0, r.stderr
 
 
 def test_eos_flag_decides_stopping_in_generate_mode(binaries, inference_models, tmp_path):
@@ -465,6 +469,15 @@ def test_bad_inputs_fail_cleanly_under_sanitizers(binaries, inference_models, ex
         assert word in err, (word, err)
         if word != "Usage":
             assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device that is always full")
+def test_output_that_cannot_be_written_is_an_error(binaries, inference_models, exported):
+    for mode in (["-n", "40", "-t", "0"], ["-m", "encode"]):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([binaries["run"][0], exported["trained", 1], "-z", inference_models["tokenizer_bin"],
+                                "-i", "Once upon a time", *mode], stdout=full, stderr=subprocess.PIPE)
+        assert r.returncode == 2 and b"cannot write the output (No space left on device)" in r.stderr, r.stderr
 
 
 @pytest.fixture

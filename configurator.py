@@ -208,6 +208,25 @@ def _parse_value(key, raw, default):
     return value
 
 
+HELP_FLAGS = ("-h", "--help")
+
+
+def print_settings(namespace, defaults):
+    """The --help text: the script's docstring, then every setting with its default and the comment beside it."""
+    comments = {}
+    path = namespace.get("__file__", "")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                m = re.match(r"(\w+) = [^#]*#\s*(.*)$", line)
+                if m:
+                    comments.setdefault(m.group(1), m.group(2))
+    print((namespace.get("__doc__") or "").strip())
+    print("\nsettings, as --key=value (or in a config file of Python assignments given before them):")
+    for k, v in defaults.items():
+        print(f"  --{k}={v!r}" + (f"  # {comments[k]}" if k in comments else ""))
+
+
 def configure(namespace, argv=None):
     """Apply config files and --key=value overrides in argv to namespace (a script's globals()).
 
@@ -217,6 +236,9 @@ def configure(namespace, argv=None):
     defaults = namespace.setdefault("_config_defaults", dict(settable_keys(namespace)))
     namespace.update({k: list(v) if isinstance(v, list) else v for k, v in defaults.items()})
     keys = defaults
+    if any(arg in HELP_FLAGS for arg in argv):
+        print_settings(namespace, defaults)
+        sys.exit(0)
     changed = {}
     for arg in argv:
         if not arg.startswith("--"):
@@ -258,6 +280,8 @@ def configure_subcommand(namespace, subcommands, argv=None):
     """For `python script.py COMMAND --k=v ...`: check COMMAND, configure the rest, return COMMAND."""
     argv = list(sys.argv[1:] if argv is None else argv)
     script = os.path.basename(namespace.get("__file__", "script.py"))
+    if argv and argv[0] in HELP_FLAGS:
+        configure(namespace, argv)  # prints the settings and exits
     if not argv or argv[0].startswith("-"):
         raise UserError(f"say what to do: python {script} {'|'.join(subcommands)} [--key=value ...]")
     command = argv.pop(0)

@@ -17,7 +17,8 @@ exported), reward model (only its transformer), and llama2.c's own.
   assumes so), so the group size divides both dim and hidden_dim.
 Versions 1 and 2 use spare header bytes that llama2.c ignores: uint32 flags at byte 64 (1: the model was
 trained with EOS, 2: the tokenizer drops leading, trailing and repeated spaces, 4: it adds no dummy prefix
-space) and float32 norm_eps at byte 68.
+space), float32 norm_eps at byte 68 and the CRC-32 of the tokenizer .bin at byte 72 (0: not known), so that
+run.c can refuse any other tokenizer.
 
 --hf=True writes a folder that transformers' LlamaForCausalLM.from_pretrained reads instead: config.json (with
 our "prompts": "instruct" for a model trained on instructions, which PPO, label and eval read back),
@@ -473,8 +474,8 @@ def input_files(path):
 @cli
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    configure(globals(), [a for a in argv if a.startswith("--")])  # first, so "--version 2" is named as the mistake
-    outs = [a for a in argv if not a.startswith("--") and not a.endswith(".py")]
+    configure(globals(), [a for a in argv if a.startswith("-")])  # first: --help, and "--version 2" named as such
+    outs = [a for a in argv if not a.startswith("-") and not a.endswith(".py")]
     if len(outs) != 1:
         raise UserError("say where to write, once: python export.py OUT.bin --checkpoint=PATH [--version=0|1|2] "
                         "(or OUT_FOLDER ... --hf=True)")
@@ -503,8 +504,8 @@ def main(argv=None):
         print(f"wrote {out}/: a Hugging Face Llama folder, {mode} model{dropped}, {n_params / 1e6:.2f}M parameters"
               + ("" if tok else " (no tokenizer: the checkpoint's is not available; pass --tokenizer=PATH.model)"))
         if tok is not None and tokenizer_flags(tok) & FLAG_STRIP_SPACES:
-            print("note: this tokenizer drops leading and repeated spaces; transformers' Llama tokenizer keeps them, "
-                  "so give it prompts with single spaces", file=sys.stderr)
+            print("note: this tokenizer drops leading, trailing and repeated spaces; transformers' Llama tokenizer "
+                  "keeps them, so give it prompts with single spaces and none at the ends", file=sys.stderr)
         return
     if tok is None:
         print("note: the checkpoint's tokenizer is not available; run.c will encode prompts as llama2.c does "

@@ -502,7 +502,8 @@ def read_meta(vocab_size, instruct=False, data_dir=DATA_DIR):
     folder = pretok_dir(vocab_size, instruct, data_dir)
     path = os.path.join(folder, "meta.json")
     if not os.path.exists(path):
-        raise UserError(f"no pretokenized data in {folder}: run {_pretokenize_command(vocab_size, instruct, data_dir)}")
+        raise UserError(f"no pretokenized data in {folder}: run {_pretokenize_command(vocab_size, instruct, data_dir)}"
+                        + (", or give the folder it is in with --data_dir=" if data_dir == DATA_DIR else ""))
     meta = read_json(path)
     damage = _damage(folder, meta, instruct)
     if damage:

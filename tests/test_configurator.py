@@ -210,3 +210,14 @@ def test_output_to_a_full_disk_is_one_line():
     with open("/dev/full", "w") as full:
         r = subprocess.run([sys.executable, "-c", program, ROOT], stdout=full, stderr=subprocess.PIPE, text=True)
     assert r.returncode == 2 and r.stderr == "error: No space left on device; free some space and run again\n"
+
+
+@pytest.mark.parametrize("argv, setting", [(["sample.py", "--help"], "--temperature=1.0  # "),
+                                           (["export.py", "-h"], "--checkpoint=''  # "),
+                                           (["ppo.py", "-h"], "--num_pairs=0  # "),
+                                           (["train.py", "--sft=True", "--help"], "--batch_size=")])
+def test_help_lists_the_settings_with_their_comments(argv, setting):
+    r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "settings, as --key=value" in r.stdout
+    assert any(line.startswith("  " + setting) for line in r.stdout.splitlines()), r.stdout

@@ -544,8 +544,10 @@ def test_missing_pretokenized_data_says_how_to_make_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError) as e:
         ts.read_meta(512)
-    assert str(e.value) == "no pretokenized data in data/tok512: run python tinystories.py pretokenize --vocab_size=512"
-    with pytest.raises(UserError, match=r"in data/tok512/instruct: .* --vocab_size=512 --instruct=True$"):
+    assert str(e.value) == ("no pretokenized data in data/tok512: run python tinystories.py pretokenize "
+                            "--vocab_size=512, or give the folder it is in with --data_dir=")
+    with pytest.raises(UserError, match=r"in data/tok512/instruct: .* --vocab_size=512 --instruct=True, or give "
+                                         r"the folder it is in with --data_dir=$"):
         ts.InstructBatches("train", 2, 64, 512)
 
 

@@ -732,6 +732,15 @@ def reward_model_recipe(run):
 
 # ----------------------------------------------------------------------------- setup
 
+def all_finished(rank, world_size):
+    """Wait until every process is done, meeting through torchrun's store: a process that tore down its
+    connections while another still used them aborted it, and after a barrier on those connections its last
+    message could still be on its way (1 run in 30 or so of the DDP test)."""
+    store = dist.distributed_c10d._get_default_store()
+    store.set(f"finished/{rank}", "1")
+    store.wait([f"finished/{r}" for r in range(world_size)])
+
+
 def setup_distributed():
     """(rank, local world size, world size, device) of this process; under torchrun joins the process group."""
     if int(os.environ.get("RANK", -1)) == -1:
@@ -789,7 +798,7 @@ def main(argv=None):
     try:
         run = run_training(ckpt, ckpt_path, rank, local_world, world_size, dev)
         if world_size > 1:
-            dist.barrier()  # a process that tore down its connections while another still used them aborted it
+            all_finished(rank, world_size)
         return run
     finally:
         if world_size > 1:

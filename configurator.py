@@ -9,8 +9,8 @@ line on stderr and exit status 2.
 import ast
 import contextlib
 import ctypes
-import errno
 import difflib
+import errno
 import functools
 import glob
 import json

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 import tinystories
 from configurator import UserError, cli, configure_subcommand, require_file
 from model import load_model, model_from_checkpoint, pick_device, read_checkpoint, weights_checksum, without_stop
-from tokenizer import checkpoint_tokenizer, default_prompts, instruct_prompt
+from tokenizer import checkpoint_tokenizer, default_prompts, instruct_prompt, same_path
 
 # -----------------------------------------------------------------------------
 # settings of `python ppo.py label|eval` (PPO and the reward model train through train.py)
@@ -299,7 +299,7 @@ def load_reward_model(path, tok, prompts_kind, max_len=None, tokenizer_sha256=No
     recorded = ckpt.get("tokenizer") or {}
     if recorded.get("vocab_size", tok.vocab_size) != tok.vocab_size or (
             recorded.get("sha256") and tokenizer_sha256 and recorded["sha256"] != tokenizer_sha256):
-        same = recorded.get("path") and os.path.abspath(recorded["path"]) == os.path.abspath(tok.model_path)
+        same = same_path(recorded.get("path"), tok.model_path)
         raise UserError(f"model:{path} was trained with tokenizer {recorded.get('path')}, another vocabulary than "
                         f"the policy's {tok.model_path}" + (" (the same file, retrained since)" if same else ""))
     trained_on = default_prompts(ckpt)

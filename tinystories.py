@@ -42,7 +42,7 @@ from tqdm import tqdm
 from configurator import UserError, atomic_output, cli, configure_subcommand, map_in_processes, read_json, \
     remove_dead_temporaries
 from story_corpus import write_corpus
-from tokenizer import Tokenizer, instruct_example
+from tokenizer import Tokenizer, instruct_example, same_path
 
 DATA_DIR = "data"
 CORPUS = "TinyStories_all_data"  # the folder of JSON shards, also the archive's name
@@ -532,7 +532,7 @@ def check_tokenizer(meta, recorded, vocab_size, name, folder):
         raise UserError(f"{name} was trained with a {recorded['vocab_size']}-token tokenizer but the data uses "
                         f"{meta['vocab_size']} tokens")
     if recorded.get("sha256") and meta.get("tokenizer_sha256") and recorded["sha256"] != meta["tokenizer_sha256"]:
-        same = " (the same file, retrained since)" if recorded.get("path") == meta["tokenizer"] else ""
+        same = " (the same file, retrained since)" if same_path(recorded.get("path"), meta["tokenizer"]) else ""
         raise UserError(f"{name} was trained with the vocabulary of {recorded.get('path')}, but the data was "
                         f"tokenized with another vocabulary, {meta['tokenizer']}{same}; pretokenize with the "
                         "checkpoint's tokenizer")

@@ -88,6 +88,12 @@ class Tokenizer:
         return out_path
 
 
+def same_path(recorded, path):
+    """Whether a recorded tokenizer path names the file at path: a vocabulary that differs is then that file
+    retrained since, which the errors say."""
+    return bool(recorded and path) and os.path.abspath(recorded) == os.path.abspath(path)
+
+
 def checkpoint_tokenizer(ckpt, path_override, vocab_size, ckpt_path, required=True):
     """The tokenizer a checkpoint names (or path_override), refused unless its vocabulary is the model's.
 
@@ -105,7 +111,7 @@ def checkpoint_tokenizer(ckpt, path_override, vocab_size, ckpt_path, required=Tr
     tok.check_vocab(vocab_size, f"the model of {ckpt_path}")
     recorded = ckpt.get("tokenizer") or {}
     if recorded.get("sha256") and recorded["sha256"] != tok.vocab_sha256():  # same size, other pieces: gibberish
-        same = recorded.get("path") and os.path.abspath(recorded["path"]) == os.path.abspath(path)
+        same = same_path(recorded.get("path"), path)
         raise UserError(f"tokenizer {path} is not the one {ckpt_path} was trained with (another vocabulary of the "
                         f"same size{', the same file retrained since' if same else ''}): pass --tokenizer= the "
                         ".model it was trained with")

@@ -261,10 +261,11 @@ def check_settings(changed):
         raise UserError("--max_iters and --warmup_iters must not be negative")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir={out_dir} is a file; give a directory for checkpoints and metrics")
-    for name in ("ckpt.pt", "best.pt") if not eval_only else ():  # found now, not at the first save
-        refuse_read_only(os.path.join(out_dir, name))
-        if init_from not in ("scratch", "resume"):
-            refuse_overwriting(os.path.join(out_dir, name), init_from, "--init_from")
+    if not eval_only:  # the checkpoints this run will write: refused now, not at the first save after the work
+        for name in ("ckpt.pt", "best.pt"):
+            refuse_read_only(os.path.join(out_dir, name))
+            if init_from not in ("scratch", "resume"):
+                refuse_overwriting(os.path.join(out_dir, name), init_from, "--init_from")
     if vocab_size <= 0:
         raise UserError(f"--vocab_size must be positive, got {vocab_size}")
     if min(learning_rate, min_lr, weight_decay, grad_clip) < 0:

@@ -1,6 +1,7 @@
 """Random-weight models of llama2.c's 15M and 110M shapes, and a 32000-token tokenizer .bin, for bench_run.sh.
 
     python bench/bench_models.py OUT_DIR     # writes 15M_v1.bin, 110M_v1.bin, 110M_v2.bin, tok32000.bin once
+    python bench/bench_models.py OUT_DIR v0  # and the same weights as version 0, 15M_v0.bin and 110M_v0.bin
 """
 import os
 import struct
@@ -17,6 +18,7 @@ SHAPES = {
     "110M": dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, multiple_of=32, max_seq_len=1024),
 }
 FILES = {"15M_v1.bin": ("15M", 1), "110M_v1.bin": ("110M", 1), "110M_v2.bin": ("110M", 2)}
+LEGACY_FILES = {"15M_v0.bin": ("15M", 0), "110M_v0.bin": ("110M", 0)}  # what llama2.c's run.c reads
 
 
 def write_tokenizer(path, vocab_size=32000):
@@ -28,12 +30,12 @@ def write_tokenizer(path, vocab_size=32000):
         f.write(struct.pack("<I", max(len(p) for p in pieces)) + body)
 
 
-def main(out_dir):
+def main(out_dir, legacy=False):
     os.makedirs(out_dir, exist_ok=True)
     if not os.path.exists(os.path.join(out_dir, "tok32000.bin")):
         write_tokenizer(os.path.join(out_dir, "tok32000.bin"))
     models = {}
-    for name, (shape, version) in FILES.items():
+    for name, (shape, version) in {**FILES, **(LEGACY_FILES if legacy else {})}.items():
         path = os.path.join(out_dir, name)
         if os.path.exists(path):
             continue
@@ -44,4 +46,4 @@ def main(out_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "out-bench")
+    main(sys.argv[1] if len(sys.argv) > 1 else "out-bench", sys.argv[2:] == ["v0"])

@@ -2,8 +2,8 @@
 # run.c speed: tokens/s of `make runomp` with 2 OpenMP threads, -n 256 (and 110M at -n 1024), on random-weight
 # models of llama2.c's 15M shape (dim 288, 6 layers, vocab 32000, seq 256) and 110M shape (dim 768, 12 layers,
 # seq 1024), and the rates as a share of this machine's 2-thread read bandwidth (batch-1 decoding reads every
-# weight once per token). Configurations run interleaved, REPS rounds; the figures are medians. The VM's
-# bandwidth swings between about 35 and 67 GB/s within seconds, so each run's share divides its rate by the
+# weight once per token). Configurations run interleaved, REPS rounds; the figures are medians. A VM's
+# bandwidth can swing by half within seconds (35-67 GB/s on one), so each run's share divides its rate by the
 # bandwidth measured just before and just after it, in about a second's worth of passes each time: their median
 # (what the machine gave around the run) and their best (what it gives at most).
 #
@@ -13,7 +13,7 @@
 # With LLAMA2C_DIR (a folder holding llama2.c's run.c and runq.c), its programs are built with its Makefile's
 # runomp flags and timed in the same rounds on the same weights (version 0 for run.c, the int8 file for runq),
 # so that the llama2.c column is this machine's; without it, that column shows the issue's figures, measured on
-# another machine of this kind.
+# another machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=${1:-5}
@@ -41,7 +41,7 @@ CONFIGS=(
 # "best median" in GB/s
 bandwidth() { "$DIR/bandwidth" 1024 60 | sed -n 's/.*best \([0-9.]*\) GB\/s, median \([0-9.]*\) GB\/s.*/\1 \2/p'; }
 # tokens/s of a program (path under $DIR) on a model file with flags; both programs print it on stderr
-rate() {
+tokens_per_s() {
   # shellcheck disable=SC2086
   "$DIR/$1" "$DIR/$2" -z "$DIR/tok32000.bin" -s 42 $3 2>&1 >/dev/null | sed -n 's/^achieved tok\/s: //p'
 }
@@ -52,11 +52,11 @@ for ((rep = 1; rep <= REPS; rep++)); do
   for i in "${!CONFIGS[@]}"; do
     IFS='|' read -r name file flags _ _ theirs <<<"${CONFIGS[$i]}"
     before=$(bandwidth)
-    ours=$(rate runomp "$file" "$flags")
+    ours=$(tokens_per_s runomp "$file" "$flags")
     echo "$i $rep $ours $(echo "$before $(bandwidth)" | awk '{print ($2 + $4) / 2, ($1 + $3) / 2}')" >>"$RESULTS"
     if [[ -n "${LLAMA2C_DIR:-}" ]]; then
       read -r program model <<<"$theirs"
-      echo "$i $rep $(rate "$program" "$model" "$flags")" >>"$REFERENCE"
+      echo "$i $rep $(tokens_per_s "$program" "$model" "$flags")" >>"$REFERENCE"
     fi
   done
   echo "round $rep/$REPS done" >&2

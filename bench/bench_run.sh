@@ -23,20 +23,19 @@ export OMP_NUM_THREADS=2
 
 "$PY" bench/bench_models.py "$DIR" ${LLAMA2C_DIR:+v0}
 make -s runomp RUN_OUT="$DIR/runomp"
-if [[ -n "${LLAMA2C_DIR:-}" ]]; then
-  ${CC:-gcc} -Ofast -fopenmp -march=native -o "$DIR/llama2c_runomp" "$LLAMA2C_DIR/run.c" -lm
-  ${CC:-gcc} -Ofast -fopenmp -march=native -o "$DIR/llama2c_runq" "$LLAMA2C_DIR/runq.c" -lm
-fi
+for program in ${LLAMA2C_DIR:+run runq}; do
+  ${CC:-gcc} -Ofast -fopenmp -march=native -o "$DIR/llama2c_$program" "$LLAMA2C_DIR/$program.c" -lm
+done
 ${CC:-gcc} -O3 -march=native -fopenmp -Wall -Wextra -o "$DIR/bandwidth" bench/bandwidth.c
 
 # name | model file | flags | llama2.c on the machine | target | llama2.c's program and file. The last row
 # shows what attention over a long context costs: at -n 1024 it reads 4x the KV cache of -n 256.
 CONFIGS=(
-  "15M fp32, -p 0.9|15M_v1.bin|-n 256 -t 1.0 -p 0.9|175|600|llama2c_runomp 15M_v0.bin"
-  "15M fp32, -p 1.0|15M_v1.bin|-n 256 -t 1.0 -p 1.0|642|800|llama2c_runomp 15M_v0.bin"
-  "110M fp32, -p 0.9|110M_v1.bin|-n 256 -t 1.0 -p 0.9|47|47|llama2c_runomp 110M_v0.bin"
+  "15M fp32, -p 0.9|15M_v1.bin|-n 256 -t 1.0 -p 0.9|175|600|llama2c_run 15M_v0.bin"
+  "15M fp32, -p 1.0|15M_v1.bin|-n 256 -t 1.0 -p 1.0|642|800|llama2c_run 15M_v0.bin"
+  "110M fp32, -p 0.9|110M_v1.bin|-n 256 -t 1.0 -p 0.9|47|47|llama2c_run 110M_v0.bin"
   "110M int8, -p 0.9|110M_v2.bin|-n 256 -t 1.0 -p 0.9|67|130|llama2c_runq 110M_v2.bin"
-  "110M fp32, -p 0.9, -n 1024|110M_v1.bin|-n 1024 -t 1.0 -p 0.9|-|-|llama2c_runomp 110M_v0.bin"
+  "110M fp32, -p 0.9, -n 1024|110M_v1.bin|-n 1024 -t 1.0 -p 0.9|-|-|llama2c_run 110M_v0.bin"
 )
 # "best median" in GB/s
 bandwidth() { "$DIR/bandwidth" 1024 60 | sed -n 's/.*best \([0-9.]*\) GB\/s, median \([0-9.]*\) GB\/s.*/\1 \2/p'; }

@@ -44,7 +44,7 @@ RUN_CFLAGS = -O3 -ffp-contract=off -Wall -Wextra
 run:  # portable
 	$(CC) $(RUN_CFLAGS) -o $(or $(RUN_OUT),run) run.c -lm
 
-runfast:  # vector instructions of this CPU (AVX2 int8 dot products where present)
+runfast:  # vector instructions of this CPU (AVX2 or AVX-512 VNNI int8 dot products where present)
 	$(CC) $(RUN_CFLAGS) -march=native -o $(or $(RUN_OUT),run) run.c -lm
 
 runomp:  # as runfast, plus OpenMP threads (OMP_NUM_THREADS)

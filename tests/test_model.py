@@ -427,3 +427,15 @@ def test_causal_attention_equals_sdpa_causal(T, head_dim):
     g_ours = torch.autograd.grad(ours.square().sum(), (q, k, v))
     g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g_ours, g_ref))
+
+
+@pytest.mark.parametrize("rows", [1, 9])
+def test_decode_attention_equals_sdpa(rows):
+    from model import decode_attention
+    torch.manual_seed(0)
+    q, k, v = torch.randn(rows, 4, 1, 8), torch.randn(rows, 2, 20, 8), torch.randn(rows, 2, 20, 8)
+    visible = torch.rand(rows, 1, 1, 20) > 0.3
+    visible[..., -1] = True  # a row's own new key
+    for mask in (None, visible):
+        ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
+        assert torch.allclose(decode_attention(q, k, v, mask), ref, atol=1e-5)

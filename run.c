@@ -135,20 +135,22 @@ static void quantize(QVec *out, const float *x, int n, int gs) {
     }
 }
 
-/* Q8_0 rows: each group's integer products are summed exactly into 16 lanes (the product at offset j of a group
-   goes to lane (j / 4) % 16, the layout of a 512-bit VNNI dot product), and each lane adds its sum times the
-   two scales into its own float. Only one horizontal sum per row, so the weights keep streaming; every build
-   (VNNI, AVX2, portable) computes the same 16 floats the same way. */
+/* Q8_0 rows, groups of a multiple of 32: each group's integer products are summed exactly into 16 lanes (the
+   product at offset j of a group goes to lane (j / 4) % 16, the layout of a 512-bit VNNI dot product), and each
+   lane adds its sum times the two scales into its own float; groups of 32 reach only the first 8 lanes. One
+   horizontal sum per row, not per group, so the weights keep streaming; every build (VNNI, AVX2, portable)
+   computes the same floats in the same order. Other group sizes take no vector path in any build. */
 enum { QLANES = 16 };
 
-static float sum_lanes(float *acc) {
+/* The lanes' sum in a fixed tree; lanes from `reached` on hold +0 and are skipped (adding +0 changes nothing). */
+static float sum_lanes(float *acc, int reached) {
     for (int width = QLANES / 2; width > 0; width /= 2)
-        for (int l = 0; l < width; l++) acc[l] += acc[l + width];
+        for (int l = 0; l < width && l + width < reached; l++) acc[l] += acc[l + width];
     return acc[0];
 }
 
 static void rows_q8(float *out, const int8_t *wq, const float *ws, const QVec *x, int n, int gs, int nrows) {
-    int ng = n / gs;
+    int ng = n / gs, reached = gs >= 64 ? QLANES : 8;
     for (int r = 0; r < nrows; r++) {
         const int8_t *w = wq + (size_t)r * n;
         const float *s = ws + (size_t)r * ng;
@@ -170,7 +172,7 @@ static void rows_q8(float *out, const int8_t *wq, const float *ws, const QVec *x
                 facc = _mm512_add_ps(facc, _mm512_mul_ps(_mm512_cvtepi32_ps(isum), scale));
             }
             _mm512_storeu_ps(acc, facc);
-            out[r] = sum_lanes(acc);
+            out[r] = sum_lanes(acc, reached);
             continue;
         }
 #endif
@@ -190,21 +192,31 @@ static void rows_q8(float *out, const int8_t *wq, const float *ws, const QVec *x
                 }
                 __m256 scale = _mm256_set1_ps(s[g] * x->s[g]);
                 lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_cvtepi32_ps(isum[0]), scale));
-                hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_cvtepi32_ps(isum[1]), scale));
+                if (reached > 8) hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_cvtepi32_ps(isum[1]), scale));
             }
             _mm256_storeu_ps(acc, lo);
             _mm256_storeu_ps(acc + 8, hi);
-            out[r] = sum_lanes(acc);
+            out[r] = sum_lanes(acc, reached);
             continue;
         }
 #endif
+        if (gs % 32) {  /* the 260K shape's groups of 4, say: one running sum */
+            float val = 0.0f;
+            for (int g = 0; g < ng; g++) {
+                int32_t isum = 0;
+                for (int j = g * gs; j < (g + 1) * gs; j++) isum += (int32_t)x->q[j] * (int32_t)w[j];
+                val += (float)isum * (s[g] * x->s[g]);
+            }
+            out[r] = val;
+            continue;
+        }
         for (int g = 0; g < ng; g++) {
             int32_t isum[QLANES] = {0};
             for (int j = 0; j < gs; j++) isum[j / 4 % QLANES] += (int32_t)x->q[g * gs + j] * (int32_t)w[g * gs + j];
             float scale = s[g] * x->s[g];
-            for (int l = 0; l < QLANES; l++) acc[l] += (float)isum[l] * scale;
+            for (int l = 0; l < reached; l++) acc[l] += (float)isum[l] * scale;
         }
-        out[r] = sum_lanes(acc);
+        out[r] = sum_lanes(acc, reached);
     }
 }
 

@@ -692,6 +692,7 @@ static float *forward(const Model *m, RunState *s, int token, int pos, int want_
             size_t kv_off = layer_off + (h / kv_mul) * head_stride;
             const float *keys = s->key_cache + kv_off, *values = s->value_cache + kv_off;
             float *att = s->att + (size_t)h * c->seq_len;
+            /* keys first: dot reads ahead of its first argument, here the keys streaming past */
             for (int t = 0; t <= pos; t++) att[t] = dot(keys + (size_t)t * hs, qh, hs) * inv_sqrt;
             softmax(att, pos + 1);
             weighted_sum(s->xb + h * hs, att, values, pos + 1, hs);

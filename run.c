@@ -956,9 +956,7 @@ typedef struct { float p; int i; } ProbIndex;
 typedef struct {
     float temperature, topp;
     unsigned long long rng;
-    float *cand_p;  /* top-p candidates: probabilities and token ids, vocab_size at most */
-    int *cand_i;
-    ProbIndex *cand;  /* the candidates to sort when there are few */
+    ProbIndex *cand;  /* top-p candidates to sort when there are few (64 at most) */
 } Sampler;
 
 static unsigned int random_u32(unsigned long long *state) {  /* xorshift64*, as llama2.c */
@@ -1004,16 +1002,17 @@ static uint32_t float_to_bits(float f) { uint32_t b; memcpy(&b, &f, sizeof b); r
    (1 - topp) / (n - 1) cannot be among them (together they hold less than 1 - topp). Usually a handful is
    left, sorted as llama2.c does. A flat distribution leaves thousands; instead of sorting them, bisection on
    the bits of a positive float (ordered like the floats) finds the threshold probability, one branch-free
-   pass per step, and the draw takes every token at or above it. */
+   pass over the probabilities per step, and the draw takes every token at or above it. Such thresholds lie
+   above the cutoff, so those passes need no list of candidates: copying one out cost more than they did. */
 static int sample_topp(const float *probs, int n, float topp, Sampler *s, float coin) {
     const float cutoff = (1.0f - topp) / (n - 1);
-    float *p = s->cand_p;
-    int *idx = s->cand_i, m = 0;
-    for (int i = 0; i < n; i++) if (probs[i] >= cutoff) p[m] = probs[i], idx[m++] = i;
+    int m = 0;
+    for (int i = 0; i < n; i++) m += probs[i] >= cutoff;
     if (m == 0) return argmax(probs, n);
     if (m <= 64) {
         ProbIndex *c = s->cand;
-        for (int k = 0; k < m; k++) c[k].p = p[k], c[k].i = idx[k];
+        for (int i = 0, k = 0; k < m; i++)
+            if (probs[i] >= cutoff) c[k].p = probs[i], c[k++].i = i;
         qsort(c, m, sizeof(ProbIndex), cmp_prob_desc);
         float cumulative = 0.0f;
         int last = m - 1;
@@ -1028,25 +1027,25 @@ static int sample_topp(const float *probs, int n, float topp, Sampler *s, float 
         }
         return c[last].i;  /* rounding */
     }
-    uint32_t lo = float_to_bits(cutoff), hi = float_to_bits(max_of(p, m)) + 1;  /* mass(>= lo) > topp >= mass(>= hi) */
+    uint32_t lo = float_to_bits(cutoff), hi = float_to_bits(max_of(probs, n)) + 1;  /* mass(>= lo) > topp >= mass(>= hi) */
     while (hi - lo > 1) {
         uint32_t mid = lo + (hi - lo) / 2;
-        if (mass_at_least(p, m, bits_to_float(mid)) > topp) lo = mid;
+        if (mass_at_least(probs, n, bits_to_float(mid)) > topp) lo = mid;
         else hi = mid;
     }
-    float threshold = bits_to_float(lo), r = coin * mass_at_least(p, m, threshold), cdf = 0.0f;
+    float threshold = bits_to_float(lo), r = coin * mass_at_least(probs, n, threshold), cdf = 0.0f;
     int k = 0, last = 0;
-    for (; k + 64 <= m; k += 64) {  /* skip whole blocks below the coin */
-        float block = mass_at_least(p + k, 64, threshold);
+    for (; k + 64 <= n; k += 64) {  /* skip whole blocks below the coin */
+        float block = mass_at_least(probs + k, 64, threshold);
         if (r < cdf + block) break;
         cdf += block;
     }
-    for (; k < m; k++) {
-        if (p[k] < threshold) continue;
-        cdf += p[k], last = k;
-        if (r < cdf) return idx[k];
+    for (; k < n; k++) {
+        if (probs[k] < threshold) continue;
+        cdf += probs[k], last = k;
+        if (r < cdf) return k;
     }
-    return idx[last];  /* rounding */
+    return last;  /* rounding */
 }
 
 /* Multinomial draw: find the block of 64 holding the coin, then the token within it. */
@@ -1344,9 +1343,7 @@ int main(int argc, char **argv) {
                 "%d)", n_tokens, plural(n_tokens), steps, seq_len);
         RunState state;
         alloc_state(&state, &model);
-        Sampler sampler = {temperature, topp, seed ? seed : time_seed(),
-                           xcalloc(model.c.vocab_size, sizeof(float)), xcalloc(model.c.vocab_size, sizeof(int)),
-                           xcalloc(64, sizeof(ProbIndex))};
+        Sampler sampler = {temperature, topp, seed ? seed : time_seed(), xcalloc(64, sizeof(ProbIndex))};
         Session z = {&model, &state, &tok, &sampler, NULL, NULL};
         if (log_path) {
             z.log = fopen(log_path, "wb");
@@ -1359,7 +1356,7 @@ int main(int argc, char **argv) {
         else generate(&z, tokens, n_tokens, (int)steps, is_gen, stop_eos);
         if (z.log && fclose(z.log) != 0) die("cannot write the logits file %s", log_path);
         free(z.log_buf);
-        free(sampler.cand_p), free(sampler.cand_i), free(sampler.cand);
+        free(sampler.cand);
         free_state(&state);
     }
     free(tokens);

@@ -211,10 +211,14 @@ static void rows_q8(float *out, const int8_t *wq, const float *ws, const QVec *x
             continue;
         }
         for (int g = 0; g < ng; g++) {
-            int32_t isum[QLANES] = {0};
-            for (int j = 0; j < gs; j++) isum[j / 4 % QLANES] += (int32_t)x->q[g * gs + j] * (int32_t)w[g * gs + j];
+            int32_t lane[QLANES] = {0};
+            for (int j = g * gs; j < (g + 1) * gs; j += 4 * reached)
+                for (int l = 0; l < reached; l++) {
+                    const int8_t *xl = x->q + j + 4 * l, *wl = w + j + 4 * l;
+                    lane[l] += xl[0] * wl[0] + xl[1] * wl[1] + xl[2] * wl[2] + xl[3] * wl[3];
+                }
             float scale = s[g] * x->s[g];
-            for (int l = 0; l < reached; l++) acc[l] += (float)isum[l] * scale;
+            for (int l = 0; l < reached; l++) acc[l] += (float)lane[l] * scale;
         }
         out[r] = sum_lanes(acc, reached);
     }

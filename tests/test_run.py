@@ -182,15 +182,21 @@ def test_q80_is_close_to_fp32_and_greedy_equals_dequantised_pytorch(binaries, in
     assert r.stdout.decode() == tok.decode(prompt + new[:-1]) + "\n"
 
 
-@pytest.mark.parametrize("name, version", [("random", 0), ("trained", 1), ("random", 2), ("trained", 2)])
-def test_every_build_gives_identical_output(binaries, inference_models, exported, name, version, tmp_path):
+def greedy_outputs(programs, model_bin, tok_bin, steps, tmp_path):
+    """Each program's greedy text and logits file from the same prompt, as a list of (stdout, log bytes)."""
     results = []
-    for target in BUILDS:
-        log = tmp_path / f"{target}.bin"
-        r = run_c(binaries[target][0], exported[name, version], "-z", inference_models["tokenizer_bin"],
-                  "-t", "0", "-n", "120", "-i", "One day", "-l", log)
+    for i, program in enumerate(programs):
+        log = tmp_path / f"{i}.log"
+        r = run_c(program, model_bin, "-z", tok_bin, "-t", "0", "-n", steps, "-i", "One day", "-l", log)
         assert r.returncode == 0, r.stderr
         results.append((r.stdout, log.read_bytes()))
+    return results
+
+
+@pytest.mark.parametrize("name, version", [("random", 0), ("trained", 1), ("random", 2), ("trained", 2)])
+def test_every_build_gives_identical_output(binaries, inference_models, exported, name, version, tmp_path):
+    results = greedy_outputs([binaries[target][0] for target in BUILDS], exported[name, version],
+                             inference_models["tokenizer_bin"], 120, tmp_path)
     assert results[0] == results[1] == results[2]  # text and every logit, bit for bit
 
 
@@ -218,14 +224,8 @@ def test_int8_vector_paths_give_identical_output(binaries, inference_models, tmp
         programs.append(str(tmp_path / "run_avx2"))
         subprocess.run(["make", "-s", "-C", ROOT, "run", f"RUN_OUT={programs[-1]}",
                         f"CC={os.environ.get('CC', 'gcc')} -mavx2"], check=True)
-    results = set()
-    for i, program in enumerate(programs):
-        log = tmp_path / f"{i}.log"
-        r = run_c(program, path, "-z", inference_models["tokenizer_bin"], "-t", "0", "-n", "40", "-i", "One day",
-                  "-l", log)
-        assert r.returncode == 0, r.stderr
-        results.add((r.stdout, log.read_bytes()))
-    assert len(results) == 1
+    results = greedy_outputs(programs, path, inference_models["tokenizer_bin"], 40, tmp_path)
+    assert all(result == results[0] for result in results)
 
 
 TRICKY = ["", " ", "   ", "Hello world", "  two leading spaces", "trailing  ", "a  b   c", "tab\there",

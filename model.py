@@ -114,7 +114,7 @@ def causal_attention(q, k, v, dropout_p=0.0, enable_gqa=False):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=enable_gqa)
     # for training, keys and values are split into chunks joined per block rather than sliced: each slice's
     # backward would write a zero-filled gradient of the whole sequence (attention fwd+bwd took 10-19% less time
-    # at 250-512 tokens); without gradients a slice costs nothing and joining would
+    # at 250-512 tokens); without gradients slicing is free and joining is not
     joined = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
     k_chunks, v_chunks = k.split(QUERY_BLOCK, dim=2), v.split(QUERY_BLOCK, dim=2)
     blocks = []

@@ -149,6 +149,13 @@ static float sum_lanes(float *acc, int reached) {
     return acc[0];
 }
 
+/* The portable build's lanes: 4 consecutive products per lane; a constant count lets the compiler vectorize it. */
+static inline void add_to_lanes(int32_t *lane, const int8_t *x, const int8_t *w, int lanes) {
+    for (int l = 0; l < lanes; l++)
+        lane[l] += x[4 * l] * w[4 * l] + x[4 * l + 1] * w[4 * l + 1] + x[4 * l + 2] * w[4 * l + 2]
+                   + x[4 * l + 3] * w[4 * l + 3];
+}
+
 static void rows_q8(float *out, const int8_t *wq, const float *ws, const QVec *x, int n, int gs, int nrows) {
     int ng = n / gs, reached = gs >= 64 ? QLANES : 8;
     for (int r = 0; r < nrows; r++) {
@@ -212,11 +219,9 @@ static void rows_q8(float *out, const int8_t *wq, const float *ws, const QVec *x
         }
         for (int g = 0; g < ng; g++) {
             int32_t lane[QLANES] = {0};
-            for (int j = g * gs; j < (g + 1) * gs; j += 4 * reached)
-                for (int l = 0; l < reached; l++) {
-                    const int8_t *xl = x->q + j + 4 * l, *wl = w + j + 4 * l;
-                    lane[l] += xl[0] * wl[0] + xl[1] * wl[1] + xl[2] * wl[2] + xl[3] * wl[3];
-                }
+            int j = g * gs, end = (g + 1) * gs;
+            for (; j + 4 * QLANES <= end; j += 4 * QLANES) add_to_lanes(lane, x->q + j, w + j, QLANES);
+            if (j < end) add_to_lanes(lane, x->q + j, w + j, 8);  /* a group's last 32 bytes: 32, 96, 160... */
             float scale = s[g] * x->s[g];
             for (int l = 0; l < reached; l++) acc[l] += (float)lane[l] * scale;
         }

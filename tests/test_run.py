@@ -208,14 +208,14 @@ def cpu_has(flag):
         return False
 
 
-@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("group", [32, 64, 96])
 def test_int8_vector_paths_give_identical_output(binaries, inference_models, tmp_path, group):
-    # groups of 64 take the AVX-512 VNNI dot product where the CPU has it, groups of 32 (and 64 without VNNI) the
-    # AVX2 one; the portable build sums the same lanes in plain C, so every logit must agree bit for bit
+    # groups of 64 take the AVX-512 VNNI dot product where the CPU has it, groups of 32 and 96 (and 64 without
+    # VNNI) the AVX2 one; the portable build sums the same lanes in plain C, so every logit must agree bit for bit
     tok = Tokenizer(inference_models["tokenizer"])
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
-                                  hidden_dim=320, max_seq_len=64))
+    model = Transformer(ModelArgs(dim=192, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
+                                  hidden_dim=384, max_seq_len=64))
     path = tmp_path / "model.bin"
     export.export(model, str(path), 2, eos=True, tok=tok, group=group)
     assert export.read_bin(str(path))[1]["group_size"] == group

@@ -208,10 +208,22 @@ def cpu_has(flag):
         return False
 
 
+@pytest.fixture(scope="module")
+def avx2_build(tmp_path_factory):
+    """run.c built for AVX2 alone, its int8 path also on a CPU whose runfast build takes VNNI; None without AVX2."""
+    if not cpu_has("avx2"):
+        return None
+    program = str(tmp_path_factory.mktemp("avx2") / "run_avx2")
+    subprocess.run(["make", "-s", "-C", ROOT, "run", f"RUN_OUT={program}", f"CC={os.environ.get('CC', 'gcc')} -mavx2"],
+                   check=True)
+    return program
+
+
 @pytest.mark.parametrize("group", [32, 64, 96])
-def test_int8_vector_paths_give_identical_output(binaries, inference_models, tmp_path, group):
+def test_int8_vector_paths_give_identical_output(binaries, avx2_build, inference_models, tmp_path, group):
     # groups of 64 take the AVX-512 VNNI dot product where the CPU has it, groups of 32 and 96 (and 64 without
-    # VNNI) the AVX2 one; the portable build sums the same lanes in plain C, so every logit must agree bit for bit
+    # VNNI) the AVX2 one; the portable build sums the same lanes in plain C, so every logit must agree bit for bit,
+    # and the sanitized (portable) build fails on any read past a group
     tok = Tokenizer(inference_models["tokenizer"])
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=192, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
@@ -219,11 +231,7 @@ def test_int8_vector_paths_give_identical_output(binaries, inference_models, tmp
     path = tmp_path / "model.bin"
     export.export(model, str(path), 2, eos=True, tok=tok, group=group)
     assert export.read_bin(str(path))[1]["group_size"] == group
-    programs = [binaries[target][0] for target in BUILDS]
-    if cpu_has("avx2"):  # the AVX2 path, also on a CPU whose runfast build takes VNNI
-        programs.append(str(tmp_path / "run_avx2"))
-        subprocess.run(["make", "-s", "-C", ROOT, "run", f"RUN_OUT={programs[-1]}",
-                        f"CC={os.environ.get('CC', 'gcc')} -mavx2"], check=True)
+    programs = [binaries[target][0] for target in BUILDS + ("run_asan",)] + [avx2_build] * (avx2_build is not None)
     results = greedy_outputs(programs, path, inference_models["tokenizer_bin"], 40, tmp_path)
     assert all(result == results[0] for result in results)
 
